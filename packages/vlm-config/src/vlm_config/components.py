@@ -1,0 +1,170 @@
+"""Base classes of the three plugin groups: encoders, adapters and archs.
+
+Every plugin's config class subclasses one of these bases, sets its
+discriminator (``type`` or ``arch``) to a single ``Literal`` equal to its
+entry-point name, and names its torch-side implementation in the class
+variable ``implementation`` (``"package.module:callable"``), which is imported
+only when a model is built.  Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ComponentConfig(StrictModel):
+    """Common base of plugin configs.
+
+    Class variables:
+        discriminator: name of the field holding the plugin name.
+        implementation: ``"module:callable"`` import string of the torch-side builder.
+    """
+
+    discriminator: ClassVar[str] = "type"
+    implementation: ClassVar[str] = ""
+
+    @classmethod
+    def plugin_name(cls) -> str:
+        """The discriminator default of this class, which must equal its entry-point name."""
+        field = cls.model_fields.get(cls.discriminator)
+        if field is None or not isinstance(field.default, str):
+            raise TypeError(
+                f"{cls.__qualname__} must give its {cls.discriminator!r} field a string default "
+                "equal to its entry-point name"
+            )
+        return field.default
+
+
+class EncoderConfig(ComponentConfig):
+    """Base config of a vision encoder (entry-point group ``vlm.encoders``).
+
+    Builder contract: ``(config) -> VisionEncoder`` producing ``(B, N, Dv)`` features.
+    """
+
+    type: str
+
+    def predicted_num_tokens(self) -> int | None:
+        """Patch tokens ``N`` per image, computed without torch; ``None`` if unknown until build."""
+        return None
+
+    def predicted_feature_dim(self) -> int | None:
+        """Feature width ``Dv``, computed without torch; ``None`` if unknown until build."""
+        return None
+
+
+class AdapterConfig(ComponentConfig):
+    """Base config of a vision->language adapter (entry-point group ``vlm.adapters``).
+
+    Builder contract: ``(config, in_dim, out_dim) -> VisionAdapter``.
+    """
+
+    type: str
+
+    def predicted_num_tokens(self, num_input_tokens: int) -> int:
+        """Output tokens ``M`` for ``N`` input tokens (exact, torch-free).
+
+        Raises:
+            ValueError: when this adapter cannot take ``N`` tokens (e.g. a
+                non-square grid for a pooling adapter).
+        """
+        return num_input_tokens
+
+
+class FreezeSpec(StrictModel):
+    """Freeze or unfreeze one module alias or fnmatch pattern over parameter names."""
+
+    module: str = Field(min_length=1, description="alias (e.g. 'vision_encoder') or fnmatch pattern")
+    frozen: bool = True
+
+
+class FreezeStage(StrictModel):
+    """From ``step`` on, apply ``freeze`` (replacing the previous stage's specs)."""
+
+    step: int = Field(ge=0)
+    freeze: list[FreezeSpec] = Field(default_factory=list)
+
+
+BASE_MODULE_ALIASES: dict[str, tuple[str, ...]] = {
+    "vision_encoder": ("vision_encoder.*",),
+    "adapter": ("adapter.*",),
+    "transformer": ("transformer.*",),
+}
+
+
+class ArchConfig(ComponentConfig):
+    """Base config of a fusion architecture (entry-point group ``vlm.archs``).
+
+    Fields:
+        max_text_len: text tokens per sample (prompt + target, padded).
+        frames_per_clip: frames per video clip; 1 for still images.
+        freeze: the trainable set at step 0.
+        freeze_schedule: later stages, strictly increasing ``step``.
+
+    Class variables:
+        module_aliases: alias -> fnmatch patterns over VLM parameter names,
+            merged with ``vision_encoder``, ``adapter`` and ``transformer``.
+    """
+
+    discriminator: ClassVar[str] = "arch"
+    module_aliases: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    arch: str
+    max_text_len: int = Field(default=64, ge=1)
+    frames_per_clip: int = Field(default=1, ge=1)
+    freeze: list[FreezeSpec] = Field(default_factory=list)
+    freeze_schedule: list[FreezeStage] = Field(default_factory=list)
+
+    def residual_image_positions(self, num_visual_tokens: int) -> int:
+        """Image positions this arch puts into the decoder's residual stream.
+
+        ``num_visual_tokens`` is the adapter output count times ``frames_per_clip``.
+        Prefix archs return it unchanged; cross-attention archs return 0.
+        """
+        return num_visual_tokens
+
+    @classmethod
+    def all_module_aliases(cls) -> dict[str, tuple[str, ...]]:
+        """The base aliases plus this arch's own."""
+        return {**BASE_MODULE_ALIASES, **cls.module_aliases}
+
+    def resolve_freeze_patterns(self, module: str) -> tuple[str, ...]:
+        """fnmatch patterns for an alias, or the string itself as a raw pattern."""
+        return self.all_module_aliases().get(module, (module,))
+
+    @field_validator("freeze_schedule")
+    @classmethod
+    def _schedule_increasing(cls, stages: list[FreezeStage]) -> list[FreezeStage]:
+        steps = [s.step for s in stages]
+        for prev, cur in zip(steps, steps[1:], strict=False):
+            if cur <= prev:
+                raise ValueError(
+                    f"freeze_schedule steps must be strictly increasing, got {steps}"
+                )
+        return stages
+
+    @model_validator(mode="after")
+    def _freeze_modules_known(self) -> ArchConfig:
+        aliases = self.all_module_aliases()
+        specs = list(self.freeze) + [s for st in self.freeze_schedule for s in st.freeze]
+        for spec in specs:
+            is_pattern = any(ch in spec.module for ch in "*?[")
+            if spec.module not in aliases and not is_pattern and "." not in spec.module:
+                raise ValueError(
+                    f"freeze module {spec.module!r} is neither an alias "
+                    f"({', '.join(sorted(aliases))}) nor an fnmatch pattern / dotted parameter name"
+                )
+        return self
+
+
+def matches_any(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a parameter name matches one of the fnmatch patterns."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
