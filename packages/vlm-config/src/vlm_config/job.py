@@ -1,0 +1,185 @@
+"""The top-level job config tying the decoder, the three plugin sections, parallelism
+and training together, with the config-time sequence budget.
+
+``encoder``, ``adapter`` and ``arch`` validate into the installed plugin class chosen
+by their discriminator (``type`` / ``arch``), so plugin-specific fields are validated
+and appear in the JSON schema.  Validate with :meth:`JobConfig.model_validate` (or
+:func:`vlm_config.load_job_config`): it resolves the plugin classes from the registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Union
+
+from pydantic import BeforeValidator, Field, SerializeAsAny, create_model, model_validator
+
+from vlm_config.components import AdapterConfig, ArchConfig, EncoderConfig, StrictModel
+from vlm_config.model import ModelConfig
+from vlm_config.parallel import ParallelConfig
+from vlm_config.registry import GROUP_BASES, PluginRegistry, get_registry
+from vlm_config.train import TrainConfig
+
+#: section -> (registry group, default plugin name used when the tag is omitted)
+PLUGIN_SECTIONS: dict[str, tuple[str, str]] = {
+    "encoder": ("vlm.encoders", "random"),
+    "adapter": ("vlm.adapters", "mlp_2layer"),
+    "arch": ("vlm.archs", "joint_decoder"),
+}
+
+
+@dataclass(frozen=True)
+class SequenceBudget:
+    """Positions a sample occupies in the decoder, predicted without torch.
+
+    ``encoder_tokens`` is ``None`` when the encoder can only tell at build time.
+    """
+
+    encoder_tokens: int | None
+    adapter_tokens: int | None
+    frames: int
+    image_positions: int | None
+    max_text_len: int
+    max_seq_len: int
+
+    @property
+    def total(self) -> int | None:
+        if self.image_positions is None:
+            return None
+        return self.image_positions + self.max_text_len
+
+    def describe(self) -> str:
+        if self.total is None:
+            return (
+                f"visual tokens: resolved at build time; text {self.max_text_len}; "
+                f"max_seq_len {self.max_seq_len}"
+            )
+        return (
+            f"visual tokens: {self.encoder_tokens} per frame from the encoder -> "
+            f"{self.adapter_tokens} after the adapter x {self.frames} frame(s); "
+            f"image positions in the residual stream: {self.image_positions}; "
+            f"text: {self.max_text_len}; total {self.total} of max_seq_len {self.max_seq_len}"
+        )
+
+
+def compute_sequence_budget(
+    encoder: EncoderConfig,
+    adapter: AdapterConfig,
+    arch: ArchConfig,
+    model: ModelConfig,
+    encoder_tokens: int | None = None,
+) -> SequenceBudget:
+    """Predict the sequence budget; ``encoder_tokens`` overrides the encoder's prediction.
+
+    Raises:
+        ValueError: when the adapter rejects the encoder's token count.
+    """
+    n = encoder_tokens if encoder_tokens is not None else encoder.predicted_num_tokens()
+    m = adapter.predicted_num_tokens(n) if n is not None else None
+    frames = arch.frames_per_clip
+    positions = arch.residual_image_positions(m * frames) if m is not None else None
+    return SequenceBudget(n, m, frames, positions, arch.max_text_len, model.max_seq_len)
+
+
+def check_sequence_budget(budget: SequenceBudget) -> None:
+    """Raise ``ValueError`` naming the fields when the budget exceeds ``model.max_seq_len``."""
+    if budget.total is not None and budget.total > budget.max_seq_len:
+        raise ValueError(
+            f"sequence budget exceeded: {budget.image_positions} image positions + "
+            f"arch.max_text_len {budget.max_text_len} = {budget.total} > model.max_seq_len "
+            f"{budget.max_seq_len}; raise model.max_seq_len, lower arch.max_text_len, or use "
+            "an adapter that emits fewer tokens"
+        )
+
+
+def _fill_default_tags(data: Any) -> Any:
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for section, (group, default) in PLUGIN_SECTIONS.items():
+        key = GROUP_BASES[group].discriminator
+        value = data.get(section)
+        if value is None and section not in data:
+            data[section] = {key: default}
+        elif isinstance(value, dict) and key not in value:
+            data[section] = {key: default, **value}
+    return data
+
+
+class JobConfig(StrictModel):
+    """One training / inference job.
+
+    Raises (as pydantic ``ValidationError``): unknown keys, unknown plugin names
+    (the message lists the installed ones), field constraint violations and a
+    sequence budget that exceeds ``model.max_seq_len``.
+    """
+
+    name: str = "vlm"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    encoder: SerializeAsAny[EncoderConfig]
+    adapter: SerializeAsAny[AdapterConfig]
+    arch: SerializeAsAny[ArchConfig]
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        return _fill_default_tags(data)
+
+    @model_validator(mode="after")
+    def _budget(self) -> JobConfig:
+        check_sequence_budget(self.sequence_budget())
+        return self
+
+    def sequence_budget(self, encoder_tokens: int | None = None) -> SequenceBudget:
+        """The predicted budget (see :func:`compute_sequence_budget`)."""
+        return compute_sequence_budget(
+            self.encoder, self.adapter, self.arch, self.model, encoder_tokens
+        )
+
+    @classmethod
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> JobConfig:  # type: ignore[override]
+        if cls is JobConfig:
+            return resolved_job_config_class().model_validate(obj, *args, **kwargs)
+        return super().model_validate(obj, *args, **kwargs)
+
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        if cls is JobConfig:
+            return resolved_job_config_class().model_json_schema(*args, **kwargs)
+        return super().model_json_schema(*args, **kwargs)
+
+
+def _no_plugins(group: str) -> Any:
+    def fail(value: Any) -> Any:
+        raise ValueError(f"no usable {group} plugins are installed; see `vlm plugins`")
+
+    return fail
+
+
+_cache: dict[int, tuple[int, type[JobConfig]]] = {}
+
+
+def resolved_job_config_class(registry: PluginRegistry | None = None) -> type[JobConfig]:
+    """A ``JobConfig`` subclass whose plugin sections are discriminated unions of the
+    classes installed now (rebuilt when the registry refreshes or registers)."""
+    registry = registry or get_registry()
+    cached = _cache.get(id(registry))
+    if cached is not None and cached[0] == registry.generation:
+        return cached[1]
+    fields: dict[str, Any] = {}
+    for section, (group, _default) in PLUGIN_SECTIONS.items():
+        classes = list(registry.load_all(group).values())
+        base = GROUP_BASES[group]
+        if classes:
+            union = Union[tuple(classes)]  # noqa: UP007 - a runtime-built union
+            annotated: Any = Annotated[union, Field(discriminator=base.discriminator)]
+        else:
+            annotated = Annotated[base, BeforeValidator(_no_plugins(group))]
+        fields[section] = (annotated, ...)
+    resolved = create_model(  # type: ignore[call-overload]
+        "JobConfig", __base__=JobConfig, __module__=__name__, **fields
+    )
+    _cache[id(registry)] = (registry.generation, resolved)
+    return resolved  # type: ignore[no-any-return]

@@ -1,0 +1,250 @@
+"""The plugin registry over the ``vlm.encoders``, ``vlm.adapters`` and ``vlm.archs`` groups.
+
+Listing reads entry-point metadata only (no plugin code is imported).  A
+plugin's config class is imported on first use; one that fails to import is
+recorded as *broken* with its distribution, version and error, and the rest
+keep working (``strict=True`` raises instead).  Two distributions claiming one
+name make that name an error naming both.  Tests and notebooks may register a
+class in-process with :meth:`PluginRegistry.register`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import threading
+from dataclasses import dataclass, field
+from typing import Literal
+
+from vlm_config.components import AdapterConfig, ArchConfig, ComponentConfig, EncoderConfig
+
+GroupName = Literal["vlm.encoders", "vlm.adapters", "vlm.archs"]
+
+GROUP_BASES: dict[str, type[ComponentConfig]] = {
+    "vlm.encoders": EncoderConfig,
+    "vlm.adapters": AdapterConfig,
+    "vlm.archs": ArchConfig,
+}
+SHORT_GROUPS = {"encoders": "vlm.encoders", "adapters": "vlm.adapters", "archs": "vlm.archs"}
+IN_PROCESS = "<in-process>"
+
+
+class PluginError(LookupError):
+    """A plugin name that cannot be used: unknown, broken, duplicated or malformed."""
+
+
+@dataclass
+class PluginEntry:
+    """One plugin name in one group, as far as metadata (and loading, once tried) tells."""
+
+    group: str
+    name: str
+    target: str
+    distribution: str
+    version: str
+    loaded: type[ComponentConfig] | None = None
+    error: str | None = None
+    duplicates: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        if self.duplicates:
+            return "duplicate"
+        if self.error is not None:
+            return "broken"
+        return "loaded" if self.loaded is not None else "not loaded"
+
+    @property
+    def origin(self) -> str:
+        return f"{self.distribution} {self.version}".strip()
+
+
+def _dist_of(ep: md.EntryPoint) -> tuple[str, str]:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return "<unknown>", ""
+    return dist.metadata["Name"] or "<unknown>", dist.version or ""
+
+
+class PluginRegistry:
+    """Entry-point backed registry; see the module docstring for the behaviour.
+
+    Args:
+        strict: raise on a broken plugin instead of recording it and skipping it.
+    """
+
+    def __init__(self, *, strict: bool = False) -> None:
+        self.strict = strict
+        self._lock = threading.RLock()
+        self._entries: dict[str, dict[str, PluginEntry]] | None = None
+        self._in_process: dict[str, dict[str, type[ComponentConfig]]] = {g: {} for g in GROUP_BASES}
+        self.generation = 0
+
+    # ----------------------------------------------------------------- discovery
+    def refresh(self) -> None:
+        """Forget what was discovered and loaded (call after installing plugins)."""
+        with self._lock:
+            self._entries = None
+            importlib_invalidate()
+            self.generation += 1
+
+    def _discover(self) -> dict[str, dict[str, PluginEntry]]:
+        with self._lock:
+            if self._entries is not None:
+                return self._entries
+            entries: dict[str, dict[str, PluginEntry]] = {g: {} for g in GROUP_BASES}
+            for group in GROUP_BASES:
+                seen: set[tuple[str, str, str]] = set()
+                for ep in md.entry_points(group=group):
+                    dist, version = _dist_of(ep)
+                    key = (ep.name, dist, ep.value)
+                    if key in seen:  # the same distribution seen twice on sys.path
+                        continue
+                    seen.add(key)
+                    entry = PluginEntry(group, ep.name, ep.value, dist, version)
+                    current = entries[group].get(ep.name)
+                    if current is None:
+                        entries[group][ep.name] = entry
+                    elif current.distribution != dist:
+                        current.duplicates.append(entry.origin)
+                for name, cls in self._in_process[group].items():
+                    target = f"{cls.__module__}:{cls.__qualname__}"
+                    entries[group][name] = PluginEntry(
+                        group, name, target, IN_PROCESS, "", loaded=cls
+                    )
+            self._entries = entries
+            return entries
+
+    @staticmethod
+    def group_name(group: str) -> str:
+        """Accept ``'adapters'`` or ``'vlm.adapters'``; reject anything else."""
+        full = SHORT_GROUPS.get(group, group)
+        if full not in GROUP_BASES:
+            raise PluginError(
+                f"unknown plugin group {group!r}; groups are {', '.join(GROUP_BASES)}"
+            )
+        return full
+
+    def names(self, group: str) -> list[str]:
+        """Every name in a group, from metadata only (broken and duplicated included)."""
+        return sorted(self._discover()[self.group_name(group)])
+
+    def entries(self, group: str | None = None) -> list[PluginEntry]:
+        """Metadata rows for one group or all, sorted by group then name."""
+        groups = [self.group_name(group)] if group else list(GROUP_BASES)
+        found = self._discover()
+        return [found[g][n] for g in groups for n in sorted(found[g])]
+
+    # ------------------------------------------------------------------- loading
+    def load(self, group: str, name: str) -> type[ComponentConfig]:
+        """Import and check the config class registered as ``name``.
+
+        Raises:
+            PluginError: unknown name (lists the installed ones), duplicate name
+                (names both distributions), broken plugin, or a class that does not
+                subclass the group's base or whose discriminator default differs from
+                ``name``.
+        """
+        group = self.group_name(group)
+        found = self._discover()[group]
+        entry = found.get(name)
+        if entry is None:
+            installed = ", ".join(sorted(found)) or "none"
+            raise PluginError(f"no {group} plugin named {name!r}; installed: {installed}")
+        self._ensure_loaded(entry)
+        if entry.duplicates:
+            raise PluginError(
+                f"{group} plugin name {name!r} is claimed by more than one distribution: "
+                f"{entry.origin} and {', '.join(entry.duplicates)}; uninstall one of them"
+            )
+        if entry.loaded is None:
+            raise PluginError(
+                f"{group} plugin {name!r} from {entry.origin} is broken: {entry.error}"
+            )
+        return entry.loaded
+
+    def _ensure_loaded(self, entry: PluginEntry) -> None:
+        if entry.loaded is not None or entry.error is not None:
+            return
+        try:
+            obj = md.EntryPoint(entry.name, entry.target, entry.group).load()
+            entry.loaded = self._check_class(entry.group, entry.name, obj)
+        except Exception as exc:  # a plugin may raise anything on import
+            entry.error = f"{type(exc).__name__}: {exc}"
+            if self.strict:
+                raise PluginError(
+                    f"{entry.group} plugin {entry.name!r} from {entry.origin} failed to load: "
+                    f"{entry.error}"
+                ) from exc
+
+    @staticmethod
+    def _check_class(group: str, name: str, obj: object) -> type[ComponentConfig]:
+        base = GROUP_BASES[group]
+        if not (isinstance(obj, type) and issubclass(obj, base)):
+            raise TypeError(f"entry point {name!r} must name a subclass of {base.__name__}, got {obj!r}")
+        default = obj.plugin_name()
+        if default != name:
+            raise TypeError(
+                f"{obj.__qualname__}.{obj.discriminator} defaults to {default!r} but its entry "
+                f"point is named {name!r}; they must be equal"
+            )
+        return obj
+
+    def load_all(self, group: str) -> dict[str, type[ComponentConfig]]:
+        """Every usable class of a group (broken and duplicated names skipped unless strict)."""
+        group = self.group_name(group)
+        usable: dict[str, type[ComponentConfig]] = {}
+        for entry in self.entries(group):
+            self._ensure_loaded(entry)
+            if entry.duplicates:
+                if self.strict:
+                    self.load(group, entry.name)
+                continue
+            if entry.loaded is not None:
+                usable[entry.name] = entry.loaded
+        return usable
+
+    # ----------------------------------------------------------------- in-process
+    def register(self, group: str, cls: type[ComponentConfig], *, replace: bool = False) -> None:
+        """Register a config class under its discriminator default, for tests and notebooks.
+
+        Raises:
+            PluginError: the class is malformed, or the name is taken and ``replace`` is false.
+        """
+        group = self.group_name(group)
+        try:
+            name = cls.plugin_name() if isinstance(cls, type) else ""
+            self._check_class(group, name, cls)
+        except TypeError as exc:
+            raise PluginError(str(exc)) from exc
+        with self._lock:
+            taken = self._discover()[group].get(name)
+            if taken is not None and not replace:
+                raise PluginError(
+                    f"{group} name {name!r} is already provided by {taken.origin}; "
+                    "pass replace=True to override it in this process"
+                )
+            self._in_process[group][name] = cls
+            self._entries = None
+            self.generation += 1
+
+    def unregister(self, group: str, name: str) -> None:
+        """Remove an in-process registration (entry-point plugins are untouched)."""
+        group = self.group_name(group)
+        with self._lock:
+            self._in_process[group].pop(name, None)
+            self._entries = None
+            self.generation += 1
+
+
+def importlib_invalidate() -> None:
+    import importlib
+
+    importlib.invalidate_caches()
+
+
+_default = PluginRegistry()
+
+
+def get_registry() -> PluginRegistry:
+    """The process-wide registry used by :class:`vlm_config.JobConfig`."""
+    return _default

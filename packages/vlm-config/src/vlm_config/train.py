@@ -1,0 +1,47 @@
+"""Training-loop section of a job (optimiser, schedule, checkpoints, logging)."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from vlm_config.components import StrictModel
+
+
+class TrainConfig(StrictModel):
+    """Optimisation and bookkeeping of a training run.
+
+    The learning rate warms up linearly for ``warmup_steps`` then follows a
+    cosine down to ``lr * min_lr_ratio`` at ``steps``.
+    """
+
+    seed: int = 0
+    steps: int = Field(default=200, ge=1)
+    batch_size: int = Field(default=32, ge=1, description="global batch per optimiser step")
+    grad_accum_steps: int = Field(default=1, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(default=10, ge=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    autocast_bf16: bool = False
+    aux_loss_weights: dict[str, float] = Field(
+        default_factory=dict, description="weight per trunk auxiliary loss name"
+    )
+    log_every: int = Field(default=10, ge=1)
+    checkpoint_every: int | None = Field(default=None, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    output_dir: str = "runs/default"
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainConfig:
+        if self.warmup_steps > self.steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})"
+            )
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(
+                f"grad_accum_steps ({self.grad_accum_steps}) must divide "
+                f"batch_size ({self.batch_size})"
+            )
+        return self
