@@ -17,7 +17,7 @@ from pydantic import BeforeValidator, Field, SerializeAsAny, create_model, model
 from vlm_config.components import AdapterConfig, ArchConfig, EncoderConfig, StrictModel
 from vlm_config.model import ModelConfig
 from vlm_config.parallel import ParallelConfig
-from vlm_config.registry import GROUP_BASES, PluginRegistry, get_registry
+from vlm_config.registry import GROUP_BASES, PluginError, PluginRegistry, get_registry
 from vlm_config.train import TrainConfig
 
 #: section -> (registry group, default plugin name used when the tag is omitted)
@@ -151,8 +151,27 @@ class JobConfig(StrictModel):
         return super().model_json_schema(*args, **kwargs)
 
 
-def _no_plugins(group: str) -> Any:
+def _check_tag(registry: PluginRegistry, group: str, usable: dict[str, Any]) -> Any:
+    """Before the union: explain an unusable tag (unknown, broken, duplicated)."""
+    key = GROUP_BASES[group].discriminator
+
+    def check(value: Any) -> Any:
+        tag = value.get(key) if isinstance(value, dict) else None
+        if isinstance(tag, str) and tag not in usable:
+            try:
+                registry.load(group, tag)
+            except PluginError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    return check
+
+
+def _no_plugins(registry: PluginRegistry, group: str) -> Any:
+    check = _check_tag(registry, group, {})
+
     def fail(value: Any) -> Any:
+        check(value)
         raise ValueError(f"no usable {group} plugins are installed; see `vlm plugins`")
 
     return fail
@@ -170,13 +189,18 @@ def resolved_job_config_class(registry: PluginRegistry | None = None) -> type[Jo
         return cached[1]
     fields: dict[str, Any] = {}
     for section, (group, _default) in PLUGIN_SECTIONS.items():
-        classes = list(registry.load_all(group).values())
+        usable = registry.load_all(group)
+        classes = list(usable.values())
         base = GROUP_BASES[group]
         if classes:
             union = Union[tuple(classes)]  # noqa: UP007 - a runtime-built union
-            annotated: Any = Annotated[union, Field(discriminator=base.discriminator)]
+            annotated: Any = Annotated[
+                union,
+                Field(discriminator=base.discriminator),
+                BeforeValidator(_check_tag(registry, group, usable)),
+            ]
         else:
-            annotated = Annotated[base, BeforeValidator(_no_plugins(group))]
+            annotated = Annotated[base, BeforeValidator(_no_plugins(registry, group))]
         fields[section] = (annotated, ...)
     resolved = create_model(  # type: ignore[call-overload]
         "JobConfig", __base__=JobConfig, __module__=__name__, **fields

@@ -1,0 +1,134 @@
+"""Sessions for the monorepo (pip everywhere: uv cannot see the local torch build).
+
+Default run (what CI runs): lint, types, one ``tests-<package>`` session per
+package (a fresh venv with only that package, its declared dependencies and its
+``test`` extra), ``integration`` (everything + fixture plugins, runs ``tests/``)
+and ``build`` (wheel + sdist per package, each wheel installed alone).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
+PACKAGES_DIR = ROOT / "packages"
+FIXTURE_PLUGINS = sorted((ROOT / "tests" / "fixture_plugins").glob("*/pyproject.toml"))
+
+nox.options.default_venv_backend = "venv"
+nox.options.error_on_missing_interpreters = True
+
+
+def _project(path: Path) -> dict:
+    return tomllib.loads((path / "pyproject.toml").read_text())["project"]
+
+
+PACKAGES: dict[str, Path] = {
+    _project(p.parent)["name"]: p.parent for p in sorted(PACKAGES_DIR.glob("*/pyproject.toml"))
+}
+
+
+def _req_name(req: str) -> str:
+    return re.split(r"[\s<>=!~;\[]", req, maxsplit=1)[0].lower()
+
+
+def local_closure(name: str) -> list[str]:
+    """The package and every local package it depends on, dependencies first."""
+    order: list[str] = []
+
+    def visit(pkg: str) -> None:
+        if pkg in order:
+            return
+        for req in _project(PACKAGES[pkg]).get("dependencies", []):
+            dep = _req_name(req)
+            if dep in PACKAGES:
+                visit(dep)
+        order.append(pkg)
+
+    visit(name)
+    return order
+
+
+def install(session: nox.Session, *args: str) -> None:
+    session.run("python", "-m", "pip", "install", "--quiet", *CONSTRAINTS, *args)
+
+
+def install_packages(session: nox.Session, names: list[str], extra: str | None = None) -> None:
+    specs = []
+    for pkg in names:
+        path = str(PACKAGES[pkg])
+        optional = _project(PACKAGES[pkg]).get("optional-dependencies", {})
+        extras = [e for e in ("test", extra) if e and e in optional]
+        specs.append(f"{path}[{','.join(extras)}]" if extras else path)
+    install(session, *specs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check + ruff format --check over the whole tree."""
+    install(session, "ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def types(session: nox.Session) -> None:
+    """mypy over every package's src/."""
+    install_packages(session, list(PACKAGES), extra="hf")
+    install(session, "mypy>=1.10", "types-PyYAML")
+    session.run("mypy", *[str(p / "src") for p in PACKAGES.values()])
+
+
+def _package_tests(session: nox.Session, name: str) -> None:
+    install_packages(session, local_closure(name))
+    session.run("python", "-m", "pip", "check")
+    session.run(
+        "python", "-m", "pytest", str(PACKAGES[name] / "tests"), "-p", "no:cacheprovider",
+        *session.posargs, env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+    )
+
+
+for _name in PACKAGES:
+
+    @nox.session(name=f"tests-{_name}")
+    def _tests(session: nox.Session, _pkg: str = _name) -> None:
+        """This package alone, with only its declared dependencies."""
+        _package_tests(session, _pkg)
+
+
+@nox.session
+def integration(session: nox.Session) -> None:
+    """Every package (with extras) plus the fixture plugins; runs tests/."""
+    install_packages(session, list(PACKAGES), extra="hf")
+    if FIXTURE_PLUGINS:
+        install(session, *[str(p.parent) for p in FIXTURE_PLUGINS])
+    session.run(
+        "python", "-m", "pytest", str(ROOT / "tests"), "-p", "no:cacheprovider",
+        *session.posargs, env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+    )
+
+
+@nox.session
+def build(session: nox.Session) -> None:
+    """Build a wheel and an sdist per package; install each wheel alone and import it."""
+    install(session, "build>=1.2")
+    dist = Path(session.create_tmp()) / "dist"
+    for name, path in PACKAGES.items():
+        session.run("python", "-m", "build", "--outdir", str(dist), str(path), silent=True)
+    for name in PACKAGES:
+        module = name.replace("-", "_")
+        wheels = sorted(dist.glob(f"{module}-*.whl"))
+        sdists = sorted(dist.glob(f"{module}-*.tar.gz"))
+        if len(wheels) != 1 or len(sdists) != 1:
+            session.error(f"{name}: expected one wheel and one sdist, got {wheels + sdists}")
+        install(session, "--find-links", str(dist), str(wheels[0]))
+        session.run("python", "-c", f"import {module}; print({module}.__name__, {module}.__version__)")
+        session.run("python", "-m", "pip", "check")
+        session.run("python", "-m", "pip", "uninstall", "--quiet", "-y", *PACKAGES)
+
+
+nox.options.sessions = ["lint", "types", *[f"tests-{n}" for n in PACKAGES], "integration", "build"]

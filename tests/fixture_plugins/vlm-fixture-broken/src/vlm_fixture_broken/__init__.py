@@ -1,0 +1,1 @@
+"""Test fixture plugin that fails to import its config module."""

@@ -1,0 +1,1 @@
+"""Test fixture plugin duplicating a name."""

@@ -1,0 +1,1 @@
+"""Test fixture plugin (torch-free configs only)."""
