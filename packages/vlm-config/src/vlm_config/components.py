@@ -10,7 +10,7 @@ only when a model is built.  Nothing here imports torch.
 from __future__ import annotations
 
 import fnmatch
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -97,6 +97,7 @@ BASE_MODULE_ALIASES: dict[str, tuple[str, ...]] = {
     "vision_encoder": ("vision_encoder.*",),
     "adapter": ("adapter.*",),
     "transformer": ("transformer.*",),
+    "frame_positions": ("frame_positions.*",),
 }
 
 
@@ -106,6 +107,9 @@ class ArchConfig(ComponentConfig):
     Fields:
         max_text_len: text tokens per sample (prompt + target, padded).
         frames_per_clip: frames per video clip; 1 for still images.
+        frame_positions: a learned per-frame embedding added to every visual token of
+            a clip so frame order is recoverable (cross-attention K/V carry no rotary
+            positions).  ``"auto"``: on when ``frames_per_clip > 1``.
         freeze: the trainable set at step 0.
         freeze_schedule: later stages, strictly increasing ``step``.
 
@@ -120,8 +124,16 @@ class ArchConfig(ComponentConfig):
     arch: str
     max_text_len: int = Field(default=64, ge=1)
     frames_per_clip: int = Field(default=1, ge=1)
+    frame_positions: Literal["auto", "learned", "none"] = "auto"
     freeze: list[FreezeSpec] = Field(default_factory=list)
     freeze_schedule: list[FreezeStage] = Field(default_factory=list)
+
+    @property
+    def use_frame_positions(self) -> bool:
+        """Whether the VLM adds a learned frame-position embedding to visual tokens."""
+        if self.frame_positions == "auto":
+            return self.frames_per_clip > 1
+        return self.frame_positions == "learned"
 
     def residual_image_positions(self, num_visual_tokens: int) -> int:
         """Image positions this arch puts into the decoder's residual stream.

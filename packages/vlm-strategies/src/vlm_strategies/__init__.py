@@ -1,0 +1,41 @@
+"""The VLM wrapper, ``build_vlm`` and the first-party fusion archs.
+
+Importing this package does not import torch: the arch config modules (torch-free,
+loaded by the plugin registry) live under it, so torch-side names load lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from vlm_strategies.__about__ import __version__
+
+_LAZY = {
+    "ArchImplementation": "vlm_strategies.api",
+    "VLMWrapper": "vlm_strategies.wrapper",
+    "causal_lm_loss": "vlm_strategies.wrapper",
+    "build_arch": "vlm_strategies.build",
+    "build_vlm": "vlm_strategies.build",
+    "build_vlm_from_configs": "vlm_strategies.build",
+    "apply_freeze": "vlm_strategies.freezing",
+    "freeze_specs_at": "vlm_strategies.freezing",
+    "trainable_parameter_names": "vlm_strategies.freezing",
+    "unwrap_transformer": "vlm_strategies.unwrap",
+    "FramePositionEmbedding": "vlm_strategies.video",
+    "expand_frame_mask": "vlm_strategies.video",
+    "fold_frames": "vlm_strategies.video",
+}
+
+__all__ = ["__version__", *sorted(_LAZY)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vlm_strategies' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

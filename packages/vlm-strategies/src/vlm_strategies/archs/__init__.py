@@ -1,0 +1,1 @@
+"""First-party archs, each a plugin registered through the `vlm.archs` entry points."""

@@ -1,0 +1,1 @@
+"""``joint_decoder``: visual tokens prepended to the text (LLaVA-style)."""

@@ -1,0 +1,33 @@
+"""The ``joint_decoder`` strategy: image prefix + dense trunk."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from vlm_transformer import ModalityContext
+
+from vlm_strategies.api import ArchImplementation
+from vlm_strategies.archs.joint_decoder.config import JointDecoderConfig
+
+
+def prefix_key_padding(image_valid: Tensor | None, text_len: int) -> Tensor | None:
+    """``(B, T)`` visual-token validity -> ``(B, T + text_len)`` key validity (text real)."""
+    if image_valid is None:
+        return None
+    text = torch.ones(image_valid.shape[0], text_len, dtype=torch.bool, device=image_valid.device)
+    return torch.cat((image_valid, text), dim=1)
+
+
+class JointDecoder(ArchImplementation):
+    """Image embeddings enter as a prefix of the residual stream (dense trunk)."""
+
+    config: JointDecoderConfig
+
+    def context(
+        self, image_embeds: Tensor, image_valid: Tensor | None, input_ids: Tensor
+    ) -> ModalityContext:
+        return ModalityContext(
+            prefix_embeds=image_embeds,
+            key_padding_mask=prefix_key_padding(image_valid, input_ids.shape[1]),
+            prefix_bidirectional=self.config.prefix_bidirectional,
+        )

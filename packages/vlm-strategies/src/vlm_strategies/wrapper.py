@@ -1,0 +1,237 @@
+"""``VLMWrapper``: vision encoder -> adapter -> (arch strategy) -> decoder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from vlm_transformer import Transformer
+from vlm_transformer import generate as _generate
+
+from vlm_strategies.api import ArchImplementation
+from vlm_strategies.video import FramePositionEmbedding, expand_frame_mask, fold_frames
+
+__all__ = ["VLMWrapper", "causal_lm_loss"]
+
+IGNORE_INDEX = -100
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy: ``logits[:, t]`` predicts ``labels[:, t + 1]``.
+
+    Args:
+        logits: ``(B, S, V)`` over text positions.
+        labels: ``(B, S)`` long, aligned with ``input_ids``; ``-100`` is ignored.
+
+    Raises:
+        ValueError: shapes disagree.
+    """
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"labels must be (B, S) = {tuple(logits.shape[:2])} like the logits, got "
+            f"{tuple(labels.shape)}"
+        )
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        labels[:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
+    )
+
+
+def _param_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return default
+
+
+class VLMWrapper(nn.Module):
+    """A vision-language model composed of four parts.
+
+    Submodules: ``vision_encoder`` (``(B*F,3,H,W) -> (B*F,N,Dv)``), ``adapter``
+    (``(B*F,N,Dv) -> (B*F,M,D)``), ``transformer`` (:class:`vlm_transformer.Transformer`
+    with the arch's trunk) and, for video, ``frame_positions``.  ``strategy`` (an
+    :class:`ArchImplementation`) is a plain attribute, not a submodule.
+
+    Dtypes: the encoder runs in its own dtype; its features are cast to the adapter's
+    parameter dtype, and the adapter output to the decoder's embedding dtype.
+
+    Args:
+        frames_per_clip: ``F``; clips must have exactly this many frames.
+        frame_positions: add a learned per-frame embedding to visual tokens.
+    """
+
+    def __init__(
+        self,
+        vision_encoder: nn.Module,
+        adapter: nn.Module,
+        transformer: Transformer,
+        strategy: ArchImplementation,
+        frames_per_clip: int = 1,
+        frame_positions: bool = False,
+    ) -> None:
+        super().__init__()
+        if frames_per_clip < 1:
+            raise ValueError(f"frames_per_clip must be >= 1, got {frames_per_clip}")
+        self.vision_encoder = vision_encoder
+        self.adapter = adapter
+        self.transformer = transformer
+        self.strategy = strategy
+        self.frames_per_clip = frames_per_clip
+        self.tokens_per_frame: int = adapter.output_num_tokens(vision_encoder.num_tokens)
+        self.frame_positions: FramePositionEmbedding | None = (
+            FramePositionEmbedding(frames_per_clip, transformer.config.dim, transformer.config.init_std)
+            if frame_positions
+            else None
+        )
+        self.encoder_frozen = False
+        self.refresh_frozen_state()
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def num_image_tokens(self) -> int:
+        """Visual tokens per sample (all frames), exact before any forward."""
+        return self.frames_per_clip * self.tokens_per_frame
+
+    @property
+    def num_image_positions(self) -> int:
+        """Image positions the arch puts into the residual stream."""
+        return self.strategy.image_positions(self.num_image_tokens)
+
+    # ----------------------------------------------------------------- freezing
+    def refresh_frozen_state(self) -> None:
+        """Re-read whether the encoder is fully frozen (then it runs in eval mode, no grad)."""
+        params = list(self.vision_encoder.parameters())
+        self.encoder_frozen = all(not p.requires_grad for p in params)
+        if self.encoder_frozen:
+            self.vision_encoder.eval()
+        else:
+            self.vision_encoder.train(self.training)
+
+    def train(self, mode: bool = True) -> VLMWrapper:
+        super().train(mode)
+        if self.encoder_frozen:
+            self.vision_encoder.eval()
+        return self
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise adapter, decoder and frame positions (the encoder keeps its weights)."""
+        reset = getattr(self.adapter, "reset_parameters", None)
+        if callable(reset):
+            reset()
+        self.transformer.init_weights()
+        if self.frame_positions is not None:
+            self.frame_positions.reset_parameters()
+
+    # ------------------------------------------------------------------ compute
+    def encode_images(
+        self, pixel_values: Tensor, frame_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Pixels -> visual tokens in the decoder's dtype.
+
+        Args:
+            pixel_values: ``(B,3,H,W)`` images or ``(B,F,3,H,W)`` clips.
+            frame_mask: ``(B,F)`` bool, True = real frame (clips only).
+
+        Returns:
+            ``(B, F*M, D)`` tokens (frame ``f`` occupies ``[f*M, (f+1)*M)``; padded frames'
+            tokens are zeroed) and their ``(B, F*M)`` validity, or ``None`` without a
+            ``frame_mask``.
+
+        Raises:
+            ValueError: wrong rank, a frame count other than ``frames_per_clip``, or a
+                malformed ``frame_mask``.
+        """
+        batch = pixel_values.shape[0]
+        folded, frames = fold_frames(pixel_values, self.frames_per_clip)
+        if self.encoder_frozen:
+            with torch.no_grad():
+                features = self.vision_encoder(folded)
+        else:
+            features = self.vision_encoder(folded)
+        features = features.to(_param_dtype(self.adapter, features.dtype))
+        tokens = self.adapter(features)
+        m, dim = tokens.shape[1], tokens.shape[2]
+        tokens = tokens.view(batch, frames, m, dim)
+        if self.frame_positions is not None:
+            tokens = self.frame_positions(tokens)
+        tokens = tokens.reshape(batch, frames * m, dim)
+        tokens = tokens.to(self.transformer.embed.weight.dtype)
+        valid = expand_frame_mask(frame_mask, batch, frames, frames * m)
+        if valid is not None:
+            tokens = tokens * valid[..., None].to(tokens.dtype)
+        return tokens, valid
+
+    def forward(
+        self,
+        pixel_values: Tensor,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        frame_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Logits over the text positions.
+
+        Args:
+            pixel_values: ``(B,3,H,W)`` or ``(B,F,3,H,W)``.
+            input_ids: ``(B,S)`` long.
+            labels: ``(B,S)`` long aligned with ``input_ids`` (returned unchanged; see
+                :func:`causal_lm_loss`).
+            frame_mask: ``(B,F)`` bool.
+
+        Returns:
+            ``(logits (B,S,V), labels)``.
+        """
+        context = self.strategy.prepare(self, pixel_values, input_ids, frame_mask)
+        logits = self.transformer(input_ids, context)
+        return logits, labels
+
+    def auxiliary_losses(self) -> dict[str, Tensor]:
+        """The trunk's auxiliary losses of the last forward (e.g. MoE balance)."""
+        return self.transformer.auxiliary_losses()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: Tensor,
+        prompt_ids: Tensor,
+        *,
+        frame_mask: Tensor | None = None,
+        max_new_tokens: int = 16,
+        **kwargs: Any,
+    ) -> Tensor:
+        """Encode the images once, prefill, then decode.
+
+        Archs with ``incremental_decoding`` decode with a KV cache; the others (non-causal
+        routing) recompute the full sequence every step, which gives exactly the tokens of
+        greedy decoding by full recomputation.  ``kwargs`` go to
+        :func:`vlm_transformer.generate` (``temperature``, ``top_k``, ``top_p``,
+        ``eos_token_id``, ``attention_mask`` for left-padded prompts, ...).
+
+        Returns:
+            ``(B, S + T)`` long: prompts followed by the new tokens.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            embeds, valid = self.encode_images(pixel_values, frame_mask)
+            strategy = self.strategy
+            context = strategy.context(embeds, valid, prompt_ids)
+            if strategy.incremental_decoding:
+                return _generate(
+                    self.transformer, prompt_ids, max_new_tokens=max_new_tokens,
+                    context=context,
+                    decode_context_fn=lambda _step, new, cache: strategy.decode_context(
+                        embeds, valid, new, cache  # type: ignore[arg-type]
+                    ),
+                    use_cache=True, **kwargs,
+                )
+            return _generate(
+                self.transformer, prompt_ids, max_new_tokens=max_new_tokens, context=context,
+                decode_context_fn=lambda _step, ids, _cache: strategy.context(embeds, valid, ids),
+                use_cache=False, **kwargs,
+            )
+        finally:
+            self.train(was_training)

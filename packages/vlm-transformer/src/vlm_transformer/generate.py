@@ -1,0 +1,204 @@
+"""Greedy and sampled decoding with a KV cache (or full recomputation)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from vlm_transformer.cache import KVCache
+from vlm_transformer.context import ModalityContext
+
+__all__ = ["DecodeContextFn", "generate", "sample_next_token"]
+
+DecodeContextFn = Callable[[int, Tensor, KVCache | None], ModalityContext | None]
+"""``(step, input_ids, cache) -> ModalityContext | None`` for decode step ``step >= 1``.
+
+With the cache, ``input_ids`` are the new tokens ``(B, 1)`` and the context describes
+only them (e.g. ``modality_ids`` of text, ``image_features`` kept for cross-attention,
+perhaps stashed in ``cache.state``). With ``use_cache=False`` ``input_ids`` is the whole
+``(B, S + step)`` sequence and the context must describe the full forward (prefix
+included). ``generate`` itself adds the key padding of left-padded prompts.
+"""
+
+
+def sample_next_token(
+    logits: Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Pick one token per row from ``logits (B, V)`` -> ``(B,)`` long.
+
+    ``temperature == 0`` is greedy (argmax). Otherwise the logits are divided by
+    ``temperature``, restricted to the ``top_k`` largest and to the smallest set whose
+    probability reaches ``top_p`` (the most likely token always survives), and sampled
+    with ``generator``.
+
+    Raises:
+        ValueError: negative temperature, ``top_k < 1`` or ``top_p`` outside ``(0, 1]``.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    scores = logits.float() / temperature
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        probs = sorted_scores.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass strictly before each token
+        drop_sorted = before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _with_padding(
+    ctx: ModalityContext | None, text_valid: Tensor | None, batch: int
+) -> ModalityContext | None:
+    """Merge the text key padding ``text_valid (B, S_text)`` into ``ctx`` (prefix = real)."""
+    if text_valid is None:
+        return ctx
+    if ctx is None:
+        return ModalityContext(key_padding_mask=text_valid)
+    p = ctx.prefix_len
+    full = torch.cat(
+        (torch.ones(batch, p, dtype=torch.bool, device=text_valid.device), text_valid), dim=1
+    )
+    if ctx.key_padding_mask is not None:
+        full = full & ctx.key_padding_mask
+    return dataclasses.replace(ctx, key_padding_mask=full)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    input_ids: Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    attention_mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    context: ModalityContext | None = None,
+    decode_context_fn: DecodeContextFn | None = None,
+    use_cache: bool = True,
+) -> Tensor:
+    """Autoregressively extend ``input_ids``.
+
+    The first forward ("prefill") runs the prompt together with ``context`` (its image
+    prefix, cross-attention features, ...). With ``use_cache=True`` (default) each
+    later step feeds only the newly sampled token plus ``decode_context_fn(step, new_ids,
+    cache)`` (default: no context). With ``use_cache=False`` every step recomputes the
+    whole sequence (the route for archs that cannot decode incrementally); the context
+    is then ``decode_context_fn(step, all_ids, None)``, or ``context`` reused when it has
+    no per-position fields.
+
+    Args:
+        model: a ``Transformer`` (or anything with its ``forward(input_ids, context,
+            cache, *, logits_to_keep)`` signature).
+        input_ids: ``(B, S)`` long prompts, left-padded when batched with padding.
+        max_new_tokens: upper bound on generated tokens (>= 0).
+        temperature, top_k, top_p, generator: see :func:`sample_next_token`.
+        eos_token_id: one id or several; a row stops after producing one.
+        pad_token_id: written after a row stopped (default: the first EOS id).
+        attention_mask: ``(B, S)`` bool/int, 1 = real prompt token (left padding).
+        context: :class:`ModalityContext` for the prefill.
+
+    Returns:
+        ``(B, S + T)`` long: the prompts followed by ``T <= max_new_tokens`` new tokens
+        (``T < max_new_tokens`` only when every row hit EOS).
+
+    Raises:
+        ValueError: malformed ``input_ids`` / ``attention_mask``, negative
+            ``max_new_tokens``, or per-position context fields with ``use_cache=False``
+            and no ``decode_context_fn``.
+    """
+    if input_ids.ndim != 2 or input_ids.dtype != torch.long:
+        raise ValueError(
+            f"input_ids must be (B, S) long, got {tuple(input_ids.shape)} {input_ids.dtype}"
+        )
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    batch, _ = input_ids.shape
+    device = input_ids.device
+    text_valid: Tensor | None = None
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"attention_mask must be {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+            )
+        text_valid = attention_mask.to(torch.bool)
+        if bool(text_valid.all()):
+            text_valid = None  # keep the is_causal fast path
+    eos_ids: list[int] = (
+        [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    )
+    pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    eos_t = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    if not use_cache and decode_context_fn is None and context is not None:
+        if any(
+            getattr(context, f) is not None
+            for f in ("modality_ids", "key_padding_mask", "inputs_embeds")
+        ):
+            raise ValueError(
+                "use_cache=False with per-position context fields (modality_ids, "
+                "key_padding_mask, inputs_embeds) needs a decode_context_fn"
+            )
+
+    was_training = model.training
+    model.eval()
+    try:
+        cache = KVCache() if use_cache else None
+        sequence = input_ids
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        logits = model(
+            input_ids, _with_padding(context, text_valid, batch), cache, logits_to_keep=1
+        )[:, -1]
+        for step in range(1, max_new_tokens + 1):
+            token = sample_next_token(
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            )
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            sequence = torch.cat((sequence, token[:, None]), dim=1)
+            if eos_ids:
+                finished = finished | torch.isin(token, eos_t)
+                if bool(finished.all()):
+                    break
+            if step == max_new_tokens:
+                break
+            if cache is not None:
+                new = token[:, None]
+                ctx = None if decode_context_fn is None else decode_context_fn(step, new, cache)
+                logits = model(new, ctx, cache, logits_to_keep=1)[:, -1]
+            else:
+                ctx = (
+                    decode_context_fn(step, sequence, None)
+                    if decode_context_fn is not None
+                    else context
+                )
+                valid = None
+                if text_valid is not None:
+                    ones = torch.ones(batch, step, dtype=torch.bool, device=device)
+                    valid = torch.cat((text_valid, ones), dim=1)
+                logits = model(sequence, _with_padding(ctx, valid, batch), None, logits_to_keep=1)[
+                    :, -1
+                ]
+    finally:
+        model.train(was_training)
+    return sequence

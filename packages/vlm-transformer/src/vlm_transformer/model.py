@@ -1,0 +1,206 @@
+"""``Transformer``: token embedding -> trunk -> LM head."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from vlm_config import ModelConfig
+
+from vlm_transformer.cache import KVCache
+from vlm_transformer.context import ModalityContext
+from vlm_transformer.masks import AttentionMask, build_attention_mask
+from vlm_transformer.rotary import RotaryEmbedding
+from vlm_transformer.trunk import DenseTrunk, Trunk, TrunkInputs
+
+__all__ = ["Transformer"]
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model with a pluggable trunk.
+
+    Modules: ``embed`` (``nn.Embedding(vocab, dim)``), ``rotary``
+    (:class:`RotaryEmbedding`, no parameters), ``trunk`` (:class:`Trunk`, default
+    :class:`DenseTrunk`), ``lm_head`` (``nn.Linear(dim, vocab, bias=False)``, or ``None``
+    with ``config.tie_embeddings``: the head then reuses ``embed.weight``, so there is a
+    single parameter and nothing to re-tie after ``to_empty`` or sharding).
+
+    Meta-device construction::
+
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        model.to_empty(device="cpu")
+        model.init_weights()
+    """
+
+    def __init__(self, config: ModelConfig, trunk: Trunk | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.trunk = trunk if trunk is not None else DenseTrunk(config)
+        self.lm_head: nn.Linear | None = (
+            None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        )
+
+    @property
+    def output_weight(self) -> Tensor:
+        """``(vocab, dim)`` weight of the LM head (``embed.weight`` when tied)."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def blocks(self) -> list[nn.Module]:
+        """``trunk.blocks()``: the units to checkpoint / shard."""
+        return self.trunk.blocks()
+
+    def auxiliary_losses(self) -> dict[str, Tensor]:
+        """``trunk.auxiliary_losses()`` of the last forward."""
+        return self.trunk.auxiliary_losses()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise everything in place: embedding and head ``normal(0, init_std)``,
+        rotary tables recomputed (float32), then ``trunk.init_weights()``."""
+        std = self.config.init_std
+        nn.init.normal_(self.embed.weight, mean=0.0, std=std)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
+        self.rotary.reset_parameters()
+        self.trunk.init_weights()
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        context: ModalityContext | None = None,
+        cache: KVCache | None = None,
+        *,
+        positions: Tensor | None = None,
+        logits_to_keep: int = 0,
+        head: Callable[[Tensor], Any] | None = None,
+    ) -> Tensor:
+        """Compute next-token logits.
+
+        Args:
+            input_ids: ``(B, S_text)`` long token ids, or ``None`` when
+                ``context.inputs_embeds`` (or only a prefix) is given.
+            context: a :class:`ModalityContext` (prefix, padding, modality tags ...).
+            cache: a :class:`KVCache`; the new positions are appended to it and attend
+                to everything cached before.
+            positions: ``(B|1, S)`` long rotary positions of the ``S = P + S_text``
+                residual positions; default ``arange`` (continuing the cache, per row), or
+                ``cumsum(key_padding_mask) - 1`` when a key padding mask is given.
+            logits_to_keep: if > 0, only the last ``logits_to_keep`` positions get logits.
+            head: if given, called with the final hidden states ``(B, S', D)`` instead
+                of the LM head (e.g. a chunked cross-entropy); its result is returned.
+
+        Returns:
+            ``(B, S', vocab)`` logits in the activation dtype, ``S' = S - trim``
+            (``trim = context.trim``: prefix positions get no logits), or the last
+            ``logits_to_keep`` of them.
+
+        Raises:
+            ValueError: before any compute, for both/neither of ``input_ids`` and
+                ``inputs_embeds``, non-long or non-2-D ``input_ids``, and context shapes
+                that disagree (see :meth:`ModalityContext.validate`).
+        """
+        ctx = context
+        embeds = None if ctx is None else ctx.inputs_embeds
+        if input_ids is not None and embeds is not None:
+            raise ValueError("pass input_ids or context.inputs_embeds, not both")
+        if input_ids is not None:
+            if input_ids.ndim != 2 or input_ids.dtype != torch.long:
+                raise ValueError(
+                    f"input_ids must be a (B, S) long tensor, got {tuple(input_ids.shape)} "
+                    f"{input_ids.dtype}"
+                )
+            batch, text_len = input_ids.shape
+        elif embeds is not None:
+            batch, text_len = embeds.shape[0], embeds.shape[1]
+        elif ctx is not None and ctx.prefix_embeds is not None:
+            batch, text_len = ctx.prefix_embeds.shape[0], 0
+        else:
+            raise ValueError("Transformer.forward needs input_ids, inputs_embeds or prefix_embeds")
+        dim = self.config.dim
+        if ctx is not None:
+            ctx.validate(batch, text_len, dim)
+        prefix_len = 0 if ctx is None else ctx.prefix_len
+        total = prefix_len + text_len
+        if positions is not None and (
+            positions.ndim != 2 or positions.shape[-1] != total or positions.shape[0] not in (1, batch)
+        ):
+            raise ValueError(
+                f"positions must be (B|1, {total}) long, got {tuple(positions.shape)}"
+            )
+
+        if input_ids is not None:
+            hidden = self.embed(input_ids)
+        elif embeds is not None:
+            hidden = embeds
+        else:
+            hidden = None
+        if ctx is not None and ctx.prefix_embeds is not None:
+            prefix = ctx.prefix_embeds
+            if hidden is None:
+                hidden = prefix
+            else:
+                hidden = torch.cat((prefix.to(hidden.dtype), hidden), dim=1)
+        assert hidden is not None
+        device = hidden.device
+
+        key_valid = None if ctx is None else ctx.key_padding_mask
+        bidir = ctx is not None and ctx.prefix_bidirectional
+        if cache is not None:
+            step = cache.begin_step(batch, total, device, key_valid)
+            pos = step.positions if positions is None else positions
+            mask = build_attention_mask(
+                q_len=total,
+                kv_len=step.past_len + total,
+                device=device,
+                key_valid=step.key_valid,
+                prefix_len=prefix_len,
+                prefix_bidirectional=bidir,
+            )
+            past_len = step.past_len
+        else:
+            if positions is not None:
+                pos = positions
+            elif key_valid is not None:
+                pos = (key_valid.long().cumsum(dim=1) - 1).clamp_min(0)
+            else:
+                pos = torch.arange(total, device=device)[None, :]
+            if key_valid is None and not bidir:
+                mask = AttentionMask.causal()
+            else:
+                mask = build_attention_mask(
+                    q_len=total,
+                    kv_len=total,
+                    device=device,
+                    key_valid=key_valid,
+                    prefix_len=prefix_len,
+                    prefix_bidirectional=bidir,
+                )
+            past_len = 0
+        cos, sin = self.rotary(pos)
+        state = TrunkInputs(
+            cos=cos,
+            sin=sin,
+            mask=mask,
+            positions=pos,
+            context=ctx,
+            cache=cache,
+            prefix_len=prefix_len,
+            past_len=past_len,
+        )
+        hidden = self.trunk(hidden, state)
+        trim = 0 if ctx is None else ctx.trim
+        if trim:
+            hidden = hidden[:, trim:]
+        if logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        if head is not None:
+            return head(hidden)  # type: ignore[no-any-return]
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        return F.linear(hidden, self.embed.weight)

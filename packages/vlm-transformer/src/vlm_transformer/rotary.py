@@ -1,0 +1,87 @@
+"""Rotary position embedding (RoPE) in the Hugging Face Llama "rotate-half" layout.
+
+The first half of each head's channels pairs with the second half
+(``rotate_half(x) = cat(-x2, x1)``), so Hugging Face Llama checkpoints load with no
+permutation of the Q/K projection rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["RotaryEmbedding", "apply_rotary", "rotate_half", "rotary_inv_freq"]
+
+
+def rotary_inv_freq(head_dim: int, theta: float, device: torch.device | str | None = None) -> Tensor:
+    """Inverse frequencies ``theta ** (-2i / head_dim)``, shape ``(head_dim // 2,)``, float32.
+
+    Raises:
+        ValueError: ``head_dim`` is odd.
+    """
+    if head_dim % 2:
+        raise ValueError(f"rotary head_dim must be even, got {head_dim}")
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
+    return 1.0 / (theta**exponent)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """``(..., D) -> (..., D)``: ``cat(-x[..., D/2:], x[..., :D/2])``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate queries or keys by their positions.
+
+    Args:
+        x: ``(B, H, S, D)`` queries or keys, any floating dtype.
+        cos, sin: ``(B, S, D)`` or ``(S, D)`` (float32 from :class:`RotaryEmbedding`);
+            they are cast to ``x.dtype`` first (Hugging Face semantics).
+
+    Returns:
+        ``(B, H, S, D)`` in ``x.dtype``: ``x * cos + rotate_half(x) * sin``.
+    """
+    cos = cos.unsqueeze(-3).to(x.dtype)
+    sin = sin.unsqueeze(-3).to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+class RotaryEmbedding(nn.Module):
+    """Produces float32 ``cos``/``sin`` tables for integer positions.
+
+    The inverse-frequency table ``inv_freq`` is a *non-persistent* float32 buffer (not
+    in the state dict). It is recomputed after every ``_apply`` (``.to(dtype)``,
+    ``.to(device)``, ``to_empty``, ``.half()`` ...), so it stays float32 and exact even
+    after ``model.to(torch.bfloat16)`` or meta-device materialisation.
+
+    ``forward(positions (..., S) int) -> (cos, sin)`` each ``(..., S, head_dim)`` float32.
+    """
+
+    inv_freq: Tensor
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = float(theta)
+        self.register_buffer("inv_freq", rotary_inv_freq(head_dim, self.theta), persistent=False)
+
+    def reset_parameters(self) -> None:
+        """Recompute ``inv_freq`` (float32) on its current device."""
+        self.inv_freq = rotary_inv_freq(self.head_dim, self.theta, self.inv_freq.device)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Any:
+        super()._apply(fn, recurse)
+        self.reset_parameters()
+        return self
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, theta={self.theta}"

@@ -1,0 +1,99 @@
+"""The trunk extension point: the layer stack + final norm an arch supplies."""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+from vlm_config import ModelConfig
+
+from vlm_transformer.block import DecoderBlock
+from vlm_transformer.cache import KVCache
+from vlm_transformer.context import ModalityContext
+from vlm_transformer.init import init_module_tree
+from vlm_transformer.masks import AttentionMask
+from vlm_transformer.norms import build_norm
+
+__all__ = ["DenseTrunk", "Trunk", "TrunkInputs"]
+
+
+@dataclass(frozen=True)
+class TrunkInputs:
+    """Per-forward state shared by all layers of a trunk.
+
+    Attributes:
+        cos, sin: ``(B|1, S, head_dim)`` float32 rotary tables of this forward's positions.
+        mask: the self-attention :class:`AttentionMask` over ``(S, past_len + S)``.
+        positions: ``(B|1, S)`` long rotary positions.
+        context: the forward's :class:`ModalityContext` (or ``None``).
+        cache: the :class:`KVCache` (or ``None``); layers use ``cache.layer(key)``.
+        prefix_len: ``P``, positions of this forward that came from ``prefix_embeds``.
+        past_len: cached slots before this forward (0 without a cache).
+    """
+
+    cos: Tensor
+    sin: Tensor
+    mask: AttentionMask
+    positions: Tensor
+    context: ModalityContext | None = None
+    cache: KVCache | None = None
+    prefix_len: int = 0
+    past_len: int = 0
+
+
+class Trunk(nn.Module, abc.ABC):
+    """Abstract trunk: owns ``layers`` (``nn.ModuleDict`` keyed ``"0"``, ``"1"``, ... so
+    parameter names stay stable) and the final ``norm``.
+
+    Subclasses implement :meth:`forward` (which must apply ``self.norm`` last). The
+    defaults of :meth:`blocks`, :meth:`auxiliary_losses` and :meth:`init_weights` fit
+    most trunks.
+
+    Attributes:
+        scale_output_init: when ``True`` (default) output projections are initialised
+            with ``init_std / sqrt(2 * n_layers)``.
+    """
+
+    layers: nn.ModuleDict
+    norm: nn.Module
+    scale_output_init: bool = True
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    @abc.abstractmethod
+    def forward(self, hidden: Tensor, state: TrunkInputs) -> Tensor:
+        """``hidden (B, S, D) -> (B, S, D)`` after all layers and the final norm."""
+
+    def blocks(self) -> list[nn.Module]:
+        """The repeatable units (activation checkpointing / FSDP2 wrap each one)."""
+        return list(self.layers.values())
+
+    def auxiliary_losses(self) -> dict[str, Tensor]:
+        """Extra scalar losses collected during the last forward (MoE balance, z-loss).
+        Dense trunks return ``{}``; the training loop adds each (already weighted) term."""
+        return {}
+
+    def init_weights(self) -> None:
+        """(Re-)initialise every parameter of the trunk (see :mod:`vlm_transformer.init`)."""
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers) if self.scale_output_init else std
+        init_module_tree(self, std, out_std)
+
+
+class DenseTrunk(Trunk):
+    """``n_layers`` :class:`DecoderBlock` s followed by the final norm."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.layers = nn.ModuleDict({str(i): DecoderBlock(config) for i in range(config.n_layers)})
+        self.norm = build_norm(config.norm_type, config.dim, config.norm_eps)
+
+    def forward(self, hidden: Tensor, state: TrunkInputs) -> Tensor:
+        cache = state.cache
+        for name, layer in self.layers.items():
+            hidden = layer(hidden, state, None if cache is None else cache.layer(name))
+        return self.norm(hidden)

@@ -1,0 +1,214 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_model
+from torch import Tensor, nn
+
+from vlm_transformer import (
+    DenseTrunk,
+    ModalityContext,
+    Transformer,
+    Trunk,
+    TrunkInputs,
+    mark_zero_init,
+)
+
+
+def test_shapes_and_blocks(model: Transformer) -> None:
+    ids = torch.randint(0, 64, (2, 7))
+    assert model(ids).shape == (2, 7, 64)
+    assert model(ids, logits_to_keep=1).shape == (2, 1, 64)
+    assert len(model.blocks()) == 2
+    assert model.auxiliary_losses() == {}
+    names = {n for n, _ in model.named_parameters()}
+    assert "trunk.layers.1.attn.qkv_proj.weight" in names
+    assert "trunk.norm.weight" in names
+
+
+def test_causality(model: Transformer) -> None:
+    ids = torch.randint(0, 64, (2, 9))
+    changed = ids.clone()
+    changed[:, 5] = (changed[:, 5] + 1) % 64
+    a, b = model(ids), model(changed)
+    torch.testing.assert_close(a[:, :5], b[:, :5], rtol=0, atol=0)
+    assert (a[:, 5:] - b[:, 5:]).abs().max() > 1e-4
+
+
+def test_padding_key_has_no_effect(model: Transformer) -> None:
+    ids = torch.randint(0, 64, (2, 8))
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    valid[0, 3] = False
+    valid[1, 6:] = False
+    ctx = ModalityContext(key_padding_mask=valid)
+    other = ids.clone()
+    other[0, 3] = (other[0, 3] + 7) % 64
+    other[1, 6:] = (other[1, 6:] + 7) % 64
+    a, b = model(ids, ctx), model(other, ctx)
+    torch.testing.assert_close(a[valid], b[valid], rtol=0, atol=1e-6)
+    assert (a[~valid] - b[~valid]).abs().max() > 1e-4  # padded rows are different garbage
+    # right padding == the unpadded shorter sequence
+    torch.testing.assert_close(a[1, :6], model(ids[1:, :6])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_left_padding_equals_unpadded(model: Transformer) -> None:
+    ids = torch.randint(0, 64, (1, 6))
+    padded = torch.cat((torch.zeros(1, 3, dtype=torch.long), ids), 1)
+    valid = torch.tensor([[False] * 3 + [True] * 6])
+    out = model(padded, ModalityContext(key_padding_mask=valid))
+    assert torch.isfinite(out).all()  # fully padded query rows stay finite (NaN guard)
+    torch.testing.assert_close(out[:, 3:], model(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_fully_masked_rows_finite_and_grad_finite(model: Transformer) -> None:
+    model.train()
+    ids = torch.randint(0, 64, (2, 5))
+    valid = torch.zeros(2, 5, dtype=torch.bool)
+    valid[1, 2:] = True
+    out = model(ids, ModalityContext(key_padding_mask=valid))
+    assert torch.isfinite(out).all()
+    out[valid].sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_prefix_trim_and_inputs_embeds(model: Transformer) -> None:
+    ids = torch.randint(0, 64, (2, 5))
+    prefix = torch.randn(2, 3, 32)
+    out = model(ids, ModalityContext(prefix_embeds=prefix))
+    assert out.shape == (2, 5, 64)
+    # same as feeding the concatenated embeddings, trimmed by hand
+    emb = torch.cat((prefix, model.embed(ids)), 1)
+    full = model(None, ModalityContext(inputs_embeds=emb))
+    torch.testing.assert_close(out, full[:, 3:], atol=1e-6, rtol=1e-6)
+    partial = model(ids, ModalityContext(prefix_embeds=prefix, trim_prefix=1))
+    assert partial.shape == (2, 7, 64)
+    torch.testing.assert_close(partial[:, 2:], out, atol=1e-6, rtol=1e-6)
+
+
+def test_prefix_lm(model: Transformer) -> None:
+    ids = torch.randint(0, 64, (2, 4))
+    prefix = torch.randn(2, 3, 32)
+    ctx = ModalityContext(prefix_embeds=prefix, prefix_bidirectional=True, trim_prefix=0)
+    out = model(ids, ctx)
+    changed = prefix.clone()
+    changed[:, 2] += 1.0
+    out2 = model(ids, ModalityContext(prefix_embeds=changed, prefix_bidirectional=True, trim_prefix=0))
+    # earlier prefix positions see the later prefix position (bidirectional) ...
+    assert (out[:, 0] - out2[:, 0]).abs().max() > 1e-4
+    # ... while causal mode does not
+    c1 = model(ids, ModalityContext(prefix_embeds=prefix, trim_prefix=0))
+    c2 = model(ids, ModalityContext(prefix_embeds=changed, trim_prefix=0))
+    torch.testing.assert_close(c1[:, :2], c2[:, :2], rtol=0, atol=0)
+    # text stays causal under prefix-LM
+    ids2 = ids.clone()
+    ids2[:, 3] = (ids2[:, 3] + 1) % 64
+    out3 = model(ids2, ctx)
+    torch.testing.assert_close(out[:, :6], out3[:, :6], rtol=0, atol=0)
+
+
+def test_context_validation() -> None:
+    with pytest.raises(ValueError, match="image_mask given without image_features"):
+        ModalityContext(image_mask=torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="exceeds the prefix length"):
+        ModalityContext(prefix_embeds=torch.randn(1, 2, 4), trim_prefix=3)
+    with pytest.raises(ValueError, match="needs prefix_embeds"):
+        ModalityContext(prefix_bidirectional=True)
+    with pytest.raises(ValueError, match="batch size"):
+        ModalityContext(
+            prefix_embeds=torch.randn(2, 2, 4), key_padding_mask=torch.ones(3, 4, dtype=torch.bool)
+        )
+    with pytest.raises(ValueError, match="int64"):
+        ModalityContext(modality_ids=torch.zeros(1, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="bool"):
+        ModalityContext(key_padding_mask=torch.ones(1, 3))
+
+
+def test_forward_validation(model: Transformer) -> None:
+    ids = torch.randint(0, 64, (2, 5))
+    with pytest.raises(ValueError, match="not both"):
+        model(ids, ModalityContext(inputs_embeds=torch.randn(2, 5, 32)))
+    with pytest.raises(ValueError, match=r"\(2, 8\)"):
+        model(ids, ModalityContext(prefix_embeds=torch.randn(2, 3, 32),
+                                   modality_ids=torch.zeros(2, 5, dtype=torch.long)))
+    with pytest.raises(ValueError, match=r"\(2, 3, 32\)"):
+        model(ids, ModalityContext(prefix_embeds=torch.randn(2, 3, 16)))
+    with pytest.raises(ValueError, match="long"):
+        model(ids.int())
+
+
+def test_meta_init_and_bf16_rotary() -> None:
+    cfg = tiny_config(tie_embeddings=True, qk_norm=True)
+    with torch.device("meta"):
+        m = Transformer(cfg)
+    assert m.embed.weight.is_meta
+    m.to_empty(device="cpu")
+    m.init_weights()
+    tensors = list(m.parameters()) + list(m.buffers())
+    assert not any(t.is_meta for t in tensors)
+    ref = Transformer(cfg).rotary.inv_freq
+    torch.testing.assert_close(m.rotary.inv_freq, ref, rtol=0, atol=0)
+    for name, p in m.named_parameters():
+        if "norm" in name:
+            assert (p == 1).all(), name
+        else:
+            assert 0.001 < p.std() < 0.05, name
+    o = m.trunk.layers["0"].attn.o_proj.weight  # type: ignore[union-attr, index]
+    assert abs(o.std().item() - 0.02 / math.sqrt(4)) < 0.003
+    m.to(torch.bfloat16)
+    assert m.rotary.inv_freq.dtype == torch.float32
+    assert m.embed.weight.dtype == torch.bfloat16
+    out = m(torch.randint(0, 64, (1, 4)))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_tied_embeddings_single_parameter() -> None:
+    m = tiny_model(tie_embeddings=True)
+    assert m.lm_head is None and m.output_weight is m.embed.weight
+    assert "lm_head.weight" not in m.state_dict()
+    h = torch.randn(1, 2, 32)
+    torch.testing.assert_close(
+        m(None, ModalityContext(inputs_embeds=h)),
+        m(None, ModalityContext(inputs_embeds=h), head=lambda x: x @ m.embed.weight.T),
+    )
+
+
+class _ScaledTrunk(DenseTrunk):
+    """A third-party trunk: dense layers + a zero-init gate + an aux loss."""
+
+    def __init__(self, config) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(config)
+        self.gate = mark_zero_init(nn.Linear(config.dim, config.dim))
+        self._aux: dict[str, Tensor] = {}
+
+    def forward(self, hidden: Tensor, state: TrunkInputs) -> Tensor:
+        hidden = hidden + self.gate(hidden)
+        self._aux = {"z": hidden.pow(2).mean()}
+        return super().forward(hidden, state)
+
+    def auxiliary_losses(self) -> dict[str, Tensor]:
+        return self._aux
+
+
+def test_custom_trunk_and_zero_init() -> None:
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    trunk = _ScaledTrunk(cfg)
+    m = Transformer(cfg, trunk)
+    m.init_weights()
+    assert (trunk.gate.weight == 0).all() and (trunk.gate.bias == 0).all()
+    out = m(torch.randint(0, 64, (1, 3)))
+    assert out.shape == (1, 3, 64)
+    assert set(m.auxiliary_losses()) == {"z"}
+    assert isinstance(m.trunk, Trunk)
+
+
+def test_trunk_is_abstract() -> None:
+    with pytest.raises(TypeError):
+        Trunk(tiny_config())  # type: ignore[abstract]
+
+
+def test_gelu_layernorm_variant_runs() -> None:
+    m = tiny_model(mlp="gelu", norm_type="layernorm", n_kv_heads=1)
+    assert m(torch.randint(0, 64, (2, 4))).shape == (2, 4, 64)
