@@ -87,8 +87,14 @@ def _package_tests(session: nox.Session, name: str) -> None:
     install_packages(session, local_closure(name))
     session.run("python", "-m", "pip", "check")
     session.run(
-        "python", "-m", "pytest", str(PACKAGES[name] / "tests"), "-p", "no:cacheprovider",
-        *session.posargs, env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+        "python",
+        "-m",
+        "pytest",
+        str(PACKAGES[name] / "tests"),
+        "-p",
+        "no:cacheprovider",
+        *session.posargs,
+        env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
     )
 
 
@@ -107,8 +113,14 @@ def integration(session: nox.Session) -> None:
     if FIXTURE_PLUGINS:
         install(session, *[str(p.parent) for p in FIXTURE_PLUGINS])
     session.run(
-        "python", "-m", "pytest", str(ROOT / "tests"), "-p", "no:cacheprovider",
-        *session.posargs, env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+        "python",
+        "-m",
+        "pytest",
+        str(ROOT / "tests"),
+        "-p",
+        "no:cacheprovider",
+        *session.posargs,
+        env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
     )
 
 
@@ -117,7 +129,7 @@ def build(session: nox.Session) -> None:
     """Build a wheel and an sdist per package; install each wheel alone and import it."""
     install(session, "build>=1.2")
     dist = Path(session.create_tmp()) / "dist"
-    for name, path in PACKAGES.items():
+    for path in PACKAGES.values():
         session.run("python", "-m", "build", "--outdir", str(dist), str(path), silent=True)
     for name in PACKAGES:
         module = name.replace("-", "_")
@@ -126,7 +138,9 @@ def build(session: nox.Session) -> None:
         if len(wheels) != 1 or len(sdists) != 1:
             session.error(f"{name}: expected one wheel and one sdist, got {wheels + sdists}")
         install(session, "--find-links", str(dist), str(wheels[0]))
-        session.run("python", "-c", f"import {module}; print({module}.__name__, {module}.__version__)")
+        session.run(
+            "python", "-c", f"import {module}; print({module}.__name__, {module}.__version__)"
+        )
         session.run("python", "-m", "pip", "check")
         session.run("python", "-m", "pip", "uninstall", "--quiet", "-y", *PACKAGES)
 

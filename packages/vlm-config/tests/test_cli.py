@@ -76,7 +76,10 @@ print("torch imported:", "torch" in sys.modules)
 def test_torch_never_imported() -> None:
     code = NO_TORCH.format(tests=str(Path(__file__).parent))
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
         env={**os.environ, "PYTHONPATH": ""},
     ).stdout
     assert out.strip().endswith("torch imported: False")

@@ -91,9 +91,7 @@ def test_adapter_rejection_surfaces_as_validation_error(registered: object) -> N
 def test_freeze_schedule_strictly_increasing(registered: object) -> None:
     stages = [{"step": 5, "freeze": []}, {"step": 5, "freeze": []}]
     with pytest.raises(ValidationError) as info:
-        JobConfig.model_validate(
-            base_job(arch={"arch": "test_prefix", "freeze_schedule": stages})
-        )
+        JobConfig.model_validate(base_job(arch={"arch": "test_prefix", "freeze_schedule": stages}))
     assert any(
         loc == "arch.test_prefix.freeze_schedule" and "strictly increasing" in msg
         for loc, msg in errors(info.value)

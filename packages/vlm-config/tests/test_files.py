@@ -49,8 +49,14 @@ def test_three_formats_agree(tmp_path: Path, registered: object) -> None:
 def test_overrides_coerce_through_pydantic(tmp_path: Path, registered: object) -> None:
     job = load_job_config(
         write(tmp_path / "a.toml", TOML),
-        ["model.dim=128", "adapter.stride=4", "train.lr=3e-4", "model.tie_embeddings=true",
-         "train.betas=[0.9, 0.99]", "name=exp-1"],
+        [
+            "model.dim=128",
+            "adapter.stride=4",
+            "train.lr=3e-4",
+            "model.tie_embeddings=true",
+            "train.betas=[0.9, 0.99]",
+            "name=exp-1",
+        ],
     )
     assert job.model.dim == 128 and job.adapter.stride == 4  # type: ignore[attr-defined]
     assert job.train.lr == pytest.approx(3e-4) and job.model.tie_embeddings is True
@@ -61,9 +67,7 @@ def test_overrides_coerce_through_pydantic(tmp_path: Path, registered: object) -
 
 
 def test_override_switches_plugin(tmp_path: Path, registered: object) -> None:
-    job = load_job_config(
-        write(tmp_path / "a.toml", TOML), ["arch.arch=test_side", "arch.every=3"]
-    )
+    job = load_job_config(write(tmp_path / "a.toml", TOML), ["arch.arch=test_side", "arch.every=3"])
     assert job.arch.arch == "test_side" and job.arch.every == 3  # type: ignore[attr-defined]
 
 

@@ -16,13 +16,39 @@ from vlm_config import ConfigFileError, load_job_config
 from .conftest import TEST_CLASSES, base_job
 
 KEYS = st.sampled_from(
-    ["model", "encoder", "adapter", "arch", "train", "parallel", "type", "arch", "dim",
-     "n_heads", "n_kv_heads", "max_seq_len", "max_text_len", "grid", "stride", "freeze",
-     "freeze_schedule", "step", "module", "frozen", "frames_per_clip", "name", "lr"]
+    [
+        "model",
+        "encoder",
+        "adapter",
+        "arch",
+        "train",
+        "parallel",
+        "type",
+        "arch",
+        "dim",
+        "n_heads",
+        "n_kv_heads",
+        "max_seq_len",
+        "max_text_len",
+        "grid",
+        "stride",
+        "freeze",
+        "freeze_schedule",
+        "step",
+        "module",
+        "frozen",
+        "frames_per_clip",
+        "name",
+        "lr",
+    ]
 ) | st.text(string.ascii_lowercase + "_.", max_size=8)
 SCALARS = (
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True)
-    | st.text(max_size=12) | st.sampled_from(["test_grid", "test_stride", "test_prefix", "test_side"])
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=12)
+    | st.sampled_from(["test_grid", "test_stride", "test_prefix", "test_side"])
 )
 VALUES = st.recursive(
     SCALARS,

@@ -12,7 +12,9 @@ from vlm_config import AdapterConfig, PluginError, PluginRegistry
 from .conftest import StrideAdapterConfig
 
 
-def make_dist(root: Path, dist: str, version: str, entry_points: str, modules: dict[str, str]) -> None:
+def make_dist(
+    root: Path, dist: str, version: str, entry_points: str, modules: dict[str, str]
+) -> None:
     info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
@@ -37,7 +39,9 @@ class NotAConfig:
 @pytest.fixture
 def plugin_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     make_dist(
-        tmp_path, "reg-good", "1.2.0",
+        tmp_path,
+        "reg-good",
+        "1.2.0",
         """
         [vlm.adapters]
         triple = reg_good_mod:TripleConfig
@@ -48,7 +52,9 @@ def plugin_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         {"reg_good_mod": GOOD},
     )
     make_dist(
-        tmp_path, "reg-broken", "0.3.0",
+        tmp_path,
+        "reg-broken",
+        "0.3.0",
         """
         [vlm.adapters]
         kaput = reg_broken_mod:KaputConfig
@@ -56,7 +62,9 @@ def plugin_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         {"reg_broken_mod": "raise RuntimeError('boom at import')\n"},
     )
     make_dist(
-        tmp_path, "reg-dup", "2.0.0",
+        tmp_path,
+        "reg-dup",
+        "2.0.0",
         """
         [vlm.adapters]
         shared = reg_good_mod:TripleConfig
@@ -111,7 +119,9 @@ def test_class_checks(plugin_path: Path) -> None:
 
 
 def test_unknown_name_lists_installed(plugin_path: Path) -> None:
-    with pytest.raises(PluginError, match=r"no vlm.adapters plugin named 'zzz'; installed: .*triple"):
+    with pytest.raises(
+        PluginError, match=r"no vlm.adapters plugin named 'zzz'; installed: .*triple"
+    ):
         PluginRegistry().load("adapters", "zzz")
     with pytest.raises(PluginError, match="unknown plugin group"):
         PluginRegistry().names("widgets")
@@ -121,10 +131,14 @@ def test_refresh_sees_new_installs(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     registry = PluginRegistry()
     assert "late" not in registry.names("archs")
     make_dist(
-        tmp_path, "reg-late", "0.1.0",
+        tmp_path,
+        "reg-late",
+        "0.1.0",
         "[vlm.archs]\nlate = reg_late_mod:LateConfig\n",
-        {"reg_late_mod": "from typing import Literal\nfrom vlm_config import ArchConfig\n"
-         "class LateConfig(ArchConfig):\n    arch: Literal['late'] = 'late'\n"},
+        {
+            "reg_late_mod": "from typing import Literal\nfrom vlm_config import ArchConfig\n"
+            "class LateConfig(ArchConfig):\n    arch: Literal['late'] = 'late'\n"
+        },
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     assert "late" not in registry.names("archs")  # cached until refresh

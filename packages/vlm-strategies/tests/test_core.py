@@ -9,9 +9,8 @@ from typing import ClassVar, Literal
 import pytest
 import torch
 from torch import Tensor
-from vlm_config import ArchConfig, get_registry
-from vlm_transformer import ModalityContext, Transformer
 
+from vlm_config import ArchConfig, get_registry
 from vlm_strategies import (
     ArchImplementation,
     VLMWrapper,
@@ -23,6 +22,7 @@ from vlm_strategies import (
     trainable_parameter_names,
     unwrap_transformer,
 )
+from vlm_transformer import ModalityContext, Transformer
 
 from .helpers import SIGLIP_ENCODER, tiny_job
 
@@ -76,7 +76,7 @@ def test_video_tokens_and_frame_positions() -> None:
     torch.manual_seed(0)
     model = build_vlm(tiny_job({**JOINT, "frames_per_clip": 3}))
     assert model.num_image_tokens == 48 and model.frame_positions is not None
-    pixels, ids = batch(frames=3)
+    pixels, _ids = batch(frames=3)
     embeds, valid = model.encode_images(pixels, torch.tensor([[True, True, False]] * 2))
     assert embeds.shape == (2, 48, 32) and valid is not None and valid.shape == (2, 48)
     assert torch.all(embeds[:, 32:] == 0)
@@ -115,8 +115,11 @@ def test_freeze_aliases_patterns_and_schedule() -> None:
     job = tiny_job(
         {
             **JOINT,
-            "freeze": [{"module": "vision_encoder"}, {"module": "transformer"},
-                       {"module": "transformer.trunk.layers.1.*", "frozen": False}],
+            "freeze": [
+                {"module": "vision_encoder"},
+                {"module": "transformer"},
+                {"module": "transformer.trunk.layers.1.*", "frozen": False},
+            ],
             "freeze_schedule": [{"step": 3, "freeze": [{"module": "adapter"}]}],
         },
         encoder=SIGLIP_ENCODER,
@@ -138,7 +141,9 @@ def test_freeze_aliases_patterns_and_schedule() -> None:
         assert (p.grad is not None) == (n in names), n
     # at step 3 the schedule replaces the specs: only the adapter is frozen
     assert [s.module for s in freeze_specs_at(job.arch, 2)] == [
-        "vision_encoder", "transformer", "transformer.trunk.layers.1.*"
+        "vision_encoder",
+        "transformer",
+        "transformer.trunk.layers.1.*",
     ]
     assert apply_freeze(model, job.arch, step=3)
     names = trainable_parameter_names(model)

@@ -10,6 +10,7 @@ only when a model is built.  Nothing here imports torch.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -82,7 +83,9 @@ class AdapterConfig(ComponentConfig):
 class FreezeSpec(StrictModel):
     """Freeze or unfreeze one module alias or fnmatch pattern over parameter names."""
 
-    module: str = Field(min_length=1, description="alias (e.g. 'vision_encoder') or fnmatch pattern")
+    module: str = Field(
+        min_length=1, description="alias (e.g. 'vision_encoder') or fnmatch pattern"
+    )
     frozen: bool = True
 
 
@@ -156,11 +159,9 @@ class ArchConfig(ComponentConfig):
     @classmethod
     def _schedule_increasing(cls, stages: list[FreezeStage]) -> list[FreezeStage]:
         steps = [s.step for s in stages]
-        for prev, cur in zip(steps, steps[1:], strict=False):
+        for prev, cur in itertools.pairwise(steps):
             if cur <= prev:
-                raise ValueError(
-                    f"freeze_schedule steps must be strictly increasing, got {steps}"
-                )
+                raise ValueError(f"freeze_schedule steps must be strictly increasing, got {steps}")
         return stages
 
     @model_validator(mode="after")

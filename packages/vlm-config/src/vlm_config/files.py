@@ -65,7 +65,9 @@ def _parse_value(raw: str) -> Any:
         try:
             return tomllib.loads(f"v = {stripped}")["v"]
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigFileError(f"override value {raw!r} is not a valid TOML list/table: {exc}")
+            raise ConfigFileError(
+                f"override value {raw!r} is not a valid TOML list/table: {exc}"
+            ) from None
     return raw
 
 

@@ -193,7 +193,7 @@ def resolved_job_config_class(registry: PluginRegistry | None = None) -> type[Jo
         classes = list(usable.values())
         base = GROUP_BASES[group]
         if classes:
-            union = Union[tuple(classes)]  # noqa: UP007 - a runtime-built union
+            union: Any = Union[tuple(classes)]  # type: ignore[valid-type]  # noqa: UP007
             annotated: Any = Annotated[
                 union,
                 Field(discriminator=base.discriminator),

@@ -57,9 +57,7 @@ class ModelConfig(StrictModel):
         if self.dim % self.n_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must divide dim ({self.dim})")
         if self.n_heads % self.kv_heads:
-            raise ValueError(
-                f"n_kv_heads ({self.kv_heads}) must divide n_heads ({self.n_heads})"
-            )
+            raise ValueError(f"n_kv_heads ({self.kv_heads}) must divide n_heads ({self.n_heads})")
         if self.head_dim % 2:
             raise ValueError(
                 f"head_dim = dim / n_heads = {self.head_dim} must be even for rotary embeddings"

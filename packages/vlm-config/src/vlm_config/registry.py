@@ -180,7 +180,9 @@ class PluginRegistry:
     def _check_class(group: str, name: str, obj: object) -> type[ComponentConfig]:
         base = GROUP_BASES[group]
         if not (isinstance(obj, type) and issubclass(obj, base)):
-            raise TypeError(f"entry point {name!r} must name a subclass of {base.__name__}, got {obj!r}")
+            raise TypeError(
+                f"entry point {name!r} must name a subclass of {base.__name__}, got {obj!r}"
+            )
         default = obj.plugin_name()
         if default != name:
             raise TypeError(

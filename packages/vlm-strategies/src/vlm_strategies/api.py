@@ -20,6 +20,7 @@ import abc
 from typing import TYPE_CHECKING
 
 from torch import Tensor
+
 from vlm_config import ArchConfig, ModelConfig
 from vlm_transformer import KVCache, ModalityContext, Trunk
 

@@ -4,6 +4,7 @@ plugin registry only (each config names its implementation; nothing here knows a
 from __future__ import annotations
 
 import torch
+
 from vlm_config import (
     AdapterConfig,
     ArchConfig,
@@ -17,11 +18,10 @@ from vlm_config import (
     get_registry,
     load_implementation,
 )
-from vlm_transformer import Transformer
-
 from vlm_strategies.api import ArchImplementation
 from vlm_strategies.freezing import apply_freeze
 from vlm_strategies.wrapper import VLMWrapper
+from vlm_transformer import Transformer
 
 __all__ = ["build_arch", "build_vlm", "build_vlm_from_configs"]
 

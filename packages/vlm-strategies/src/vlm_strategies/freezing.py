@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from torch import nn
+
 from vlm_config import ArchConfig, FreezeSpec, matches_any
 
 __all__ = ["apply_freeze", "freeze_specs_at", "trainable_parameter_names"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from torch import nn
+
 from vlm_transformer import Transformer
 
 __all__ = ["unwrap_transformer"]

@@ -51,9 +51,7 @@ def expand_frame_mask(
             f"frame_mask must be (B, F) = ({batch}, {frames}), got {tuple(frame_mask.shape)}"
         )
     if num_tokens % frames:
-        raise ValueError(
-            f"{num_tokens} visual tokens cannot be split evenly over {frames} frames"
-        )
+        raise ValueError(f"{num_tokens} visual tokens cannot be split evenly over {frames} frames")
     per_frame = num_tokens // frames
     return frame_mask.to(torch.bool).repeat_interleave(per_frame, dim=1)
 

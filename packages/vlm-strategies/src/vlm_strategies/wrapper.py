@@ -7,11 +7,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from vlm_transformer import Transformer
-from vlm_transformer import generate as _generate
 
 from vlm_strategies.api import ArchImplementation
 from vlm_strategies.video import FramePositionEmbedding, expand_frame_mask, fold_frames
+from vlm_transformer import Transformer
+from vlm_transformer import generate as _generate
 
 __all__ = ["VLMWrapper", "causal_lm_loss"]
 
@@ -80,9 +80,12 @@ class VLMWrapper(nn.Module):
         self.transformer = transformer
         self.strategy = strategy
         self.frames_per_clip = frames_per_clip
-        self.tokens_per_frame: int = adapter.output_num_tokens(vision_encoder.num_tokens)
+        count_tokens: Any = adapter.output_num_tokens
+        self.tokens_per_frame: int = count_tokens(vision_encoder.num_tokens)
         self.frame_positions: FramePositionEmbedding | None = (
-            FramePositionEmbedding(frames_per_clip, transformer.config.dim, transformer.config.init_std)
+            FramePositionEmbedding(
+                frames_per_clip, transformer.config.dim, transformer.config.init_std
+            )
             if frame_positions
             else None
         )
@@ -221,17 +224,27 @@ class VLMWrapper(nn.Module):
             context = strategy.context(embeds, valid, prompt_ids)
             if strategy.incremental_decoding:
                 return _generate(
-                    self.transformer, prompt_ids, max_new_tokens=max_new_tokens,
+                    self.transformer,
+                    prompt_ids,
+                    max_new_tokens=max_new_tokens,
                     context=context,
                     decode_context_fn=lambda _step, new, cache: strategy.decode_context(
-                        embeds, valid, new, cache  # type: ignore[arg-type]
+                        embeds,
+                        valid,
+                        new,
+                        cache,  # type: ignore[arg-type]
                     ),
-                    use_cache=True, **kwargs,
+                    use_cache=True,
+                    **kwargs,
                 )
             return _generate(
-                self.transformer, prompt_ids, max_new_tokens=max_new_tokens, context=context,
+                self.transformer,
+                prompt_ids,
+                max_new_tokens=max_new_tokens,
+                context=context,
                 decode_context_fn=lambda _step, ids, _cache: strategy.context(embeds, valid, ids),
-                use_cache=False, **kwargs,
+                use_cache=False,
+                **kwargs,
             )
         finally:
             self.train(was_training)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from vlm_transformer import ModalityContext
 
 from vlm_strategies.api import ArchImplementation
 from vlm_strategies.archs.joint_decoder.config import JointDecoderConfig
+from vlm_transformer import ModalityContext
 
 
 def prefix_key_padding(image_valid: Tensor | None, text_len: int) -> Tensor | None:
