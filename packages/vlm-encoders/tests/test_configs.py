@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
-from vlm_config import EncoderConfig, load_implementation
 
+from vlm_config import EncoderConfig, load_implementation
 from vlm_encoders.configs import (
     ClipEncoderConfig,
     HFVisionEncoderConfig,
@@ -58,7 +58,11 @@ def test_importing_configs_does_not_import_torch(tmp_path: Path) -> None:
 
 
 def test_entry_points_name_the_config_classes() -> None:
-    eps = {ep.name: ep for ep in entry_points(group="vlm.encoders") if ep.value.startswith("vlm_encoders.")}
+    eps = {
+        ep.name: ep
+        for ep in entry_points(group="vlm.encoders")
+        if ep.value.startswith("vlm_encoders.")
+    }
     expected = {
         "random": RandomEncoderConfig,
         "siglip": SiglipEncoderConfig,
@@ -87,7 +91,7 @@ def test_random_config_predictions_and_validation() -> None:
     assert cfg.predicted_feature_dim() == 5
     with pytest.raises(ValidationError, match="num_tokens"):
         RandomEncoderConfig(num_tokens=0)
-    with pytest.raises(ValidationError, match="extra|unknown|not permitted"):
+    with pytest.raises(ValidationError, match=r"extra|unknown|not permitted"):
         RandomEncoderConfig(bogus=1)  # type: ignore[call-arg]
 
 
@@ -154,7 +158,14 @@ def test_predictions_from_folder(tmp_path: Path) -> None:
     only = tmp_path / "only"
     only.mkdir()
     (only / "config.json").write_text(
-        json.dumps({"model_type": "siglip_vision_model", "hidden_size": 24, "image_size": 30, "patch_size": 10})
+        json.dumps(
+            {
+                "model_type": "siglip_vision_model",
+                "hidden_size": 24,
+                "image_size": 30,
+                "patch_size": 10,
+            }
+        )
     )
     assert SiglipEncoderConfig(path=str(only)).predicted_num_tokens() == 9
     assert SiglipEncoderConfig(path=str(only)).predicted_feature_dim() == 24

@@ -102,9 +102,12 @@ def close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("key", ["siglip", "siglip_dual"])
 @pytest.mark.parametrize(
-    ("feature_layer", "post_ln"), [(-1, False), (-1, True), (-2, False), (-2, True), (0, False), (1, False)]
+    ("feature_layer", "post_ln"),
+    [(-1, False), (-1, True), (-2, False), (-2, True), (0, False), (1, False)],
 )
-def test_siglip_equals_transformers(saved: dict, key: str, feature_layer: int, post_ln: bool) -> None:
+def test_siglip_equals_transformers(
+    saved: dict, key: str, feature_layer: int, post_ln: bool
+) -> None:
     folder, ref = saved[key]
     cfg = SiglipEncoderConfig(path=str(folder), feature_layer=feature_layer, post_layernorm=post_ln)
     enc = build_hf_encoder(cfg).eval()
@@ -167,7 +170,9 @@ def test_siglip_defaults_without_processor_config(saved: dict) -> None:
 
 
 @pytest.mark.parametrize("key", ["clip", "clip_dual"])
-@pytest.mark.parametrize(("feature_layer", "post_ln"), [(-1, False), (-2, False), (-2, True), (0, False)])
+@pytest.mark.parametrize(
+    ("feature_layer", "post_ln"), [(-1, False), (-2, False), (-2, True), (0, False)]
+)
 def test_clip_strips_cls_and_equals_transformers(
     saved: dict, key: str, feature_layer: int, post_ln: bool
 ) -> None:
@@ -198,7 +203,9 @@ def test_clip_preprocessing(saved: dict) -> None:
     proc = transformers.AutoImageProcessor.from_pretrained(
         str(saved["clip_dual"][0]), local_files_only=True
     )
-    assert torch.equal(dual.preprocess(images), proc(images=images, return_tensors="pt")["pixel_values"])
+    assert torch.equal(
+        dual.preprocess(images), proc(images=images, return_tensors="pt")["pixel_values"]
+    )
 
 
 # ---------------------------------------------------------------- SigLIP2
@@ -210,9 +217,7 @@ def _siglip2_reference(ref: Any, x: torch.Tensor) -> Any:
 
     p = ref.config.patch_size
     g = x.shape[-1] // p
-    patches = torch.stack(
-        [torch.from_numpy(convert_image_to_patches(img.numpy(), p)) for img in x]
-    )
+    patches = torch.stack([torch.from_numpy(convert_image_to_patches(img.numpy(), p)) for img in x])
     mask = torch.ones(x.shape[0], g * g, dtype=torch.int32)
     shapes = torch.tensor([[g, g]] * x.shape[0])
     return ref_hidden(ref, patches, pixel_attention_mask=mask, spatial_shapes=shapes)
@@ -221,7 +226,9 @@ def _siglip2_reference(ref: Any, x: torch.Tensor) -> Any:
 @pytest.mark.parametrize(("feature_layer", "post_ln"), [(-1, True), (-1, False), (-2, False)])
 def test_siglip2_equals_transformers(saved: dict, feature_layer: int, post_ln: bool) -> None:
     folder, ref = saved["siglip2"]
-    cfg = Siglip2EncoderConfig(path=str(folder), feature_layer=feature_layer, post_layernorm=post_ln)
+    cfg = Siglip2EncoderConfig(
+        path=str(folder), feature_layer=feature_layer, post_layernorm=post_ln
+    )
     enc = build_hf_encoder(cfg).eval()
     x = pixels(seed=2)
     with torch.no_grad():
@@ -295,7 +302,11 @@ def test_inline_tower_unknown_key() -> None:
 
 @pytest.mark.parametrize(
     ("key", "cls"),
-    [("siglip", SiglipEncoderConfig), ("clip_dual", ClipEncoderConfig), ("siglip2", Siglip2EncoderConfig)],
+    [
+        ("siglip", SiglipEncoderConfig),
+        ("clip_dual", ClipEncoderConfig),
+        ("siglip2", Siglip2EncoderConfig),
+    ],
 )
 def test_from_config_is_random_init_of_same_shape(saved: dict, key: str, cls: type) -> None:
     folder, _ = saved[key]
@@ -324,7 +335,9 @@ def test_dtype_bfloat16(saved: dict) -> None:
 
 
 def test_default_dtype_is_as_saved(tmp_path: Path) -> None:
-    model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**VISION)).to(torch.bfloat16)
+    model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**VISION)).to(
+        torch.bfloat16
+    )
     model.save_pretrained(tmp_path / "bf16")
     enc = build_hf_encoder(SiglipEncoderConfig(path=str(tmp_path / "bf16")))
     assert {p.dtype for p in enc.parameters()} == {torch.bfloat16}
@@ -341,18 +354,18 @@ def test_missing_folder(tmp_path: Path) -> None:
 
 
 def test_folder_without_config(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match=r"no config.json"):
         build_hf_encoder(ClipEncoderConfig(path=str(tmp_path)))
 
 
 def test_folder_without_vision_model(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
-    with pytest.raises(ValueError, match="does not hold a siglip vision model.*'llama'"):
+    with pytest.raises(ValueError, match=r"does not hold a siglip vision model.*'llama'"):
         build_hf_encoder(SiglipEncoderConfig(path=str(tmp_path)))
 
 
 def test_folder_of_another_family(saved: dict) -> None:
-    with pytest.raises(ValueError, match="holds a clip model.*use type = 'clip'"):
+    with pytest.raises(ValueError, match=r"holds a clip model.*use type = 'clip'"):
         build_hf_encoder(SiglipEncoderConfig(path=str(saved["clip_dual"][0])))
     with pytest.raises(ValueError, match="holds a siglip model"):
         build_hf_encoder(Siglip2EncoderConfig(path=str(saved["siglip"][0])))
@@ -363,7 +376,9 @@ def test_folder_without_weights(saved: dict, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="cannot load weights"):
         build_hf_encoder(SiglipEncoderConfig(path=str(tmp_path)))
     # from_config needs no weights
-    assert build_hf_encoder(SiglipEncoderConfig(path=str(tmp_path), from_config=True)).num_tokens == 16
+    assert (
+        build_hf_encoder(SiglipEncoderConfig(path=str(tmp_path), from_config=True)).num_tokens == 16
+    )
 
 
 def test_weights_of_something_else(saved: dict, tmp_path: Path) -> None:
@@ -371,12 +386,14 @@ def test_weights_of_something_else(saved: dict, tmp_path: Path) -> None:
 
     shutil.copy(saved["siglip"][0] / "config.json", tmp_path / "config.json")
     save_file({"unrelated.weight": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match="lacks .* weights of the siglip vision tower"):
+    with pytest.raises(ValueError, match=r"lacks .* weights of the siglip vision tower"):
         build_hf_encoder(SiglipEncoderConfig(path=str(tmp_path)))
 
 
 def test_feature_layer_out_of_range_at_build(saved: dict) -> None:
-    with pytest.raises(ValueError, match="feature_layer=-5 is out of range for a tower of 3 layers"):
+    with pytest.raises(
+        ValueError, match="feature_layer=-5 is out of range for a tower of 3 layers"
+    ):
         build_hf_encoder(SiglipEncoderConfig(path=str(saved["siglip"][0]), feature_layer=-5))
     with pytest.raises(ValidationError, match="feature_layer"):
         SiglipEncoderConfig(tower=VISION, feature_layer=4)
@@ -413,5 +430,10 @@ def test_transformers_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_transformers_logging_restored() -> None:
     logging = transformers.utils.logging
     before = logging.get_verbosity()
-    build_hf_encoder(SiglipEncoderConfig(tower=VISION))
-    assert logging.get_verbosity() == before
+    try:
+        for level in (logging.INFO, logging.WARNING):
+            logging.set_verbosity(level)
+            build_hf_encoder(SiglipEncoderConfig(tower=VISION))
+            assert logging.get_verbosity() == level
+    finally:
+        logging.set_verbosity(before)

@@ -89,6 +89,7 @@ def test_meta_device_then_reset_parameters() -> None:
     assert torch.equal(enc(x), ref)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu() -> None:
     x = torch.randn(2, 3, 32, 32)

@@ -73,7 +73,7 @@ class VisionEncoder(nn.Module):
         return f"(B, 3, {s}, {s})"
 
     def check_pixels(self, pixel_values: Any) -> None:
-        """Raise ``ValueError`` naming the expected shape unless ``pixel_values`` is ``(B,3,S,S)``."""
+        """Raise ``ValueError`` naming the expected shape unless the input is ``(B, 3, S, S)``."""
         if not isinstance(pixel_values, torch.Tensor):
             raise ValueError(
                 f"{type(self).__name__} expects a tensor of shape {self.expected_shape()}, "
@@ -114,9 +114,7 @@ class VisionEncoder(nn.Module):
         try:
             from PIL import Image as PILImage
         except ImportError as exc:  # pragma: no cover - pillow is in the [hf] extra
-            raise ImportError(
-                "preprocess needs pillow: pip install 'vlm-encoders[hf]'"
-            ) from exc
+            raise ImportError("preprocess needs pillow: pip install 'vlm-encoders[hf]'") from exc
         batch = _as_list(images)
         s = self.image_size
         arrays = []

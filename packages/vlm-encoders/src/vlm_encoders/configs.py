@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
+
 from vlm_config import EncoderConfig
 
 __all__ = [
@@ -134,7 +135,9 @@ class HFVisionEncoderConfig(EncoderConfig):
         if tower is None:
             return None
         if "vision_config" in tower:
-            raise ValueError("tower takes the vision-config kwargs themselves, not a 'vision_config'")
+            raise ValueError(
+                "tower takes the vision-config kwargs themselves, not a 'vision_config'"
+            )
         for key in _TOWER_INT_KEYS:
             if key in tower:
                 value = tower[key]
@@ -164,7 +167,7 @@ class HFVisionEncoderConfig(EncoderConfig):
     # -- torch-free predictions -------------------------------------------------
 
     def vision_config_dict(self) -> dict[str, Any] | None:
-        """The vision-config kwargs (``tower``, or the folder's config), or ``None`` if unreadable."""
+        """The vision-config kwargs (``tower`` or the folder's), ``None`` if unreadable."""
         if self.tower is not None:
             return dict(self.tower)
         assert self.path is not None

@@ -47,7 +47,9 @@ class _Family:
 
 
 _FAMILIES: dict[str, _Family] = {
-    "siglip": _Family("SiglipVisionConfig", "SiglipVisionModel", "SiglipImageProcessor", False, False),
+    "siglip": _Family(
+        "SiglipVisionConfig", "SiglipVisionModel", "SiglipImageProcessor", False, False
+    ),
     "siglip2": _Family(
         "Siglip2VisionConfig", "Siglip2VisionModel", "SiglipImageProcessor", False, True
     ),
@@ -94,7 +96,6 @@ def _quiet(transformers: Any) -> Iterator[None]:
         logging.set_verbosity(verbosity)
         if bars:
             logging.enable_progress_bar()
-        logging.set_verbosity_error()
 
 
 class HFVisionEncoder(VisionEncoder):
@@ -125,7 +126,7 @@ class HFVisionEncoder(VisionEncoder):
 
     def __init__(
         self,
-        tower: nn.Module,
+        tower: Any,
         *,
         family: str,
         image_processor: Any,
@@ -136,7 +137,7 @@ class HFVisionEncoder(VisionEncoder):
         if family not in _FAMILIES:
             raise ValueError(f"family must be one of {sorted(_FAMILIES)}, got {family!r}")
         spec = _FAMILIES[family]
-        vcfg = tower.config
+        vcfg: Any = tower.config
         patch = int(vcfg.patch_size)
         if spec.patchified_input:
             num_patches = int(vcfg.num_patches)
@@ -174,7 +175,7 @@ class HFVisionEncoder(VisionEncoder):
         self.grid = grid
         self.image_processor = image_processor
 
-        core = getattr(tower, "vision_model", tower)  # transformers 4.x nests the transformer
+        core: Any = getattr(tower, "vision_model", tower)  # transformers 4.x nests the transformer
         layers = core.encoder.layers
         total = len(layers)
         index = feature_layer if feature_layer >= 0 else total + 1 + feature_layer
@@ -193,7 +194,7 @@ class HFVisionEncoder(VisionEncoder):
                 del core.head
             if hasattr(vcfg, "vision_use_head"):
                 vcfg.vision_use_head = False
-        final_norm = core.post_layernorm
+        final_norm: nn.Module = core.post_layernorm
         core.post_layernorm = nn.Identity()
         self.tower = tower
         self.post_layernorm: nn.Module | None = final_norm if post_layernorm else None
