@@ -1,0 +1,263 @@
+"""The ``mot`` strategy and trunk (Mixture-of-Transformers, Liang et al. 2024).
+
+Parameter names::
+
+    transformer.trunk.layers.{i}.image.*   the image copy of decoder block i
+    transformer.trunk.layers.{i}.text.*    the text copy of decoder block i
+    transformer.trunk.norm.image.*         final norm of image positions
+    transformer.trunk.norm.text.*          final norm of text positions
+
+Each copy is a :class:`vlm_transformer.DecoderBlock` used as a parameter container
+(``attn_norm``, ``attn.qkv_proj``, ``attn.o_proj``, ``attn.q_norm``/``k_norm``,
+``mlp_norm``, ``mlp``), so ``layers.{i}.{image|text}.X`` corresponds to the dense
+``layers.{i}.X`` (see :mod:`vlm_strategies.archs.mot.warm_start`).
+
+A layer computes, for every position ``p`` with modality ``m = modality_ids[p]``::
+
+    q, k, v = qkv_proj_m(attn_norm_m(x_p))          (+ q_norm_m / k_norm_m, RoPE)
+    h_p = x_p + o_proj_m(global_causal_attention(q, k, v)_p)
+    out_p = h_p + mlp_m(mlp_norm_m(h_p))
+
+Routing never assumes the image block is contiguous. Without ``modality_ids`` in the
+context, the ``prefix_len`` prefix positions are image and the rest text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from vlm_config import ModelConfig
+from vlm_strategies.api import ArchImplementation
+from vlm_strategies.archs.joint_decoder.impl import prefix_key_padding
+from vlm_strategies.archs.mot.config import MoTConfig
+from vlm_transformer import (
+    DecoderBlock,
+    KVCache,
+    LayerKVCache,
+    ModalityContext,
+    Trunk,
+    TrunkInputs,
+    apply_rotary,
+    attention,
+    build_norm,
+)
+
+__all__ = [
+    "IMAGE",
+    "TEXT",
+    "MixtureOfTransformers",
+    "MoTBlock",
+    "MoTNorm",
+    "MoTTrunk",
+    "route_by_modality",
+]
+
+IMAGE = 0
+TEXT = 1
+MODALITIES = ("image", "text")  # index = modality id
+
+RowFn = Callable[[Tensor], Tensor]
+
+
+def route_by_modality(
+    x: Tensor, modality_ids: Tensor, fns: Sequence[RowFn], dispatch: str = "select"
+) -> Tensor:
+    """Apply ``fns[m]`` to the positions whose modality id is ``m``.
+
+    Args:
+        x: ``(B, S, ...)`` inputs; each ``fn`` maps ``(..., Din) -> (..., Dout)`` row-wise.
+        modality_ids: ``(B, S)`` long, values in ``range(len(fns))``.
+        dispatch: ``"select"`` runs every ``fn`` on every position and keeps the right
+            result with ``torch.where`` (static shapes); ``"gather"`` runs each ``fn``
+            on its own rows only (data-dependent shapes).
+
+    Returns:
+        ``(B, S, ..., Dout)``.
+    """
+    if dispatch == "select":
+        out = fns[0](x)
+        for m in range(1, len(fns)):
+            pick = (modality_ids == m).view(*modality_ids.shape, *([1] * (x.ndim - 2)))
+            out = torch.where(pick, fns[m](x), out)
+        return out
+    if dispatch != "gather":
+        raise ValueError(f"dispatch must be 'select' or 'gather', got {dispatch!r}")
+    lead = x.shape[:2]
+    flat = x.flatten(0, 1)
+    flat_ids = modality_ids.reshape(-1)
+    result: Tensor | None = None
+    for m, fn in enumerate(fns):
+        idx = (flat_ids == m).nonzero().squeeze(1)
+        y = fn(flat.index_select(0, idx))
+        if result is None:
+            result = y.new_zeros((flat.shape[0], *y.shape[1:]))
+        result = result.index_copy(0, idx, y)
+    assert result is not None
+    return result.unflatten(0, lead)
+
+
+def _qkv(tower: DecoderBlock, x: Tensor) -> Tensor:
+    """``attn_norm -> qkv_proj (-> per-head q_norm / k_norm)`` of one modality copy."""
+    a = tower.attn
+    qkv = a.qkv_proj(tower.attn_norm(x))
+    if a.q_norm is None or a.k_norm is None:
+        return qkv
+    q, k, v = qkv.split([a.q_dim, a.kv_dim, a.kv_dim], dim=-1)
+    q = a.q_norm(q.unflatten(-1, (a.n_heads, a.head_dim))).flatten(-2)
+    k = a.k_norm(k.unflatten(-1, (a.n_kv_heads, a.head_dim))).flatten(-2)
+    return torch.cat((q, k, v), dim=-1)
+
+
+def _out(tower: DecoderBlock, x: Tensor) -> Tensor:
+    return tower.attn.o_proj(x)  # type: ignore[no-any-return]
+
+
+def _ffn(tower: DecoderBlock, x: Tensor) -> Tensor:
+    return tower.mlp(tower.mlp_norm(x))  # type: ignore[no-any-return]
+
+
+class MoTBlock(nn.Module):
+    """One MoT layer: ``image`` and ``text`` copies of a decoder block, one global
+    attention. Owns every parameter it uses (the FSDP2 / activation-checkpointing unit).
+
+    ``forward(x (B,S,D), state, cache, modality_ids (B,S) long) -> (B,S,D)``.
+    """
+
+    def __init__(self, config: ModelConfig, dispatch: str = "select") -> None:
+        super().__init__()
+        self.dispatch = dispatch
+        self.image = DecoderBlock(config)
+        self.text = DecoderBlock(config)
+
+    def towers(self) -> tuple[DecoderBlock, DecoderBlock]:
+        """The modality copies, indexed by modality id."""
+        return (self.image, self.text)
+
+    def forward(
+        self,
+        x: Tensor,
+        state: TrunkInputs,
+        cache: LayerKVCache | None,
+        modality_ids: Tensor,
+    ) -> Tensor:
+        towers = self.towers()
+        a = self.text.attn
+        b, s, _ = x.shape
+
+        def route(h: Tensor, fn: Callable[[DecoderBlock, Tensor], Tensor]) -> Tensor:
+            return route_by_modality(
+                h, modality_ids, [partial(fn, t) for t in towers], self.dispatch
+            )
+
+        q, k, v = route(x, _qkv).split([a.q_dim, a.kv_dim, a.kv_dim], dim=-1)
+        q = q.view(b, s, a.n_heads, a.head_dim).transpose(1, 2)
+        k = k.view(b, s, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        v = v.view(b, s, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        q = apply_rotary(q, state.cos, state.sin)
+        k = apply_rotary(k, state.cos, state.sin)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        attn = attention(q, k, v, state.mask).transpose(1, 2).reshape(b, s, a.q_dim)
+        x = x + route(attn, _out)
+        return x + route(x, _ffn)
+
+
+class MoTNorm(nn.Module):
+    """Per-modality final norm: ``image`` and ``text``.
+    ``forward(x (B,S,D), modality_ids (B,S)) -> (B,S,D)``."""
+
+    def __init__(self, config: ModelConfig, dispatch: str = "select") -> None:
+        super().__init__()
+        self.dispatch = dispatch
+        self.image = build_norm(config.norm_type, config.dim, config.norm_eps)
+        self.text = build_norm(config.norm_type, config.dim, config.norm_eps)
+
+    def forward(self, x: Tensor, modality_ids: Tensor) -> Tensor:
+        return route_by_modality(x, modality_ids, [self.image, self.text], self.dispatch)
+
+
+class MoTTrunk(Trunk):
+    """``n_layers`` :class:`MoTBlock` s and a :class:`MoTNorm`.
+
+    :meth:`blocks` (inherited) returns the :class:`MoTBlock` s: each holds both modality
+    copies of its layer. Modality ids come from ``state.context.modality_ids``; without
+    them the first ``state.prefix_len`` positions are image, the rest text.
+
+    Raises:
+        ValueError: (eager only) a modality id other than 0 (image) or 1 (text).
+    """
+
+    norm: MoTNorm
+
+    def __init__(self, config: ModelConfig, dispatch: str = "select") -> None:
+        super().__init__(config)
+        self.layers = nn.ModuleDict(
+            {str(i): MoTBlock(config, dispatch) for i in range(config.n_layers)}
+        )
+        self.norm = MoTNorm(config, dispatch)
+
+    @staticmethod
+    def modality_ids(hidden: Tensor, state: TrunkInputs) -> Tensor:
+        """``(B, S)`` long modality id of every position of this forward."""
+        ctx = state.context
+        if ctx is not None and ctx.modality_ids is not None:
+            ids = ctx.modality_ids
+            if not torch.compiler.is_compiling() and bool(((ids != IMAGE) & (ids != TEXT)).any()):
+                raise ValueError(
+                    f"mot modality_ids must be {IMAGE} (image) or {TEXT} (text), got values "
+                    f"{sorted(set(ids.unique().tolist()))}"
+                )
+            return ids
+        b, s, _ = hidden.shape
+        pos = torch.arange(s, device=hidden.device)
+        return (pos >= state.prefix_len).long()[None, :].expand(b, s)
+
+    def forward(self, hidden: Tensor, state: TrunkInputs) -> Tensor:
+        ids = self.modality_ids(hidden, state)
+        cache = state.cache
+        for name, layer in self.layers.items():
+            hidden = layer(hidden, state, None if cache is None else cache.layer(name), ids)
+        return self.norm(hidden, ids)
+
+
+class MixtureOfTransformers(ArchImplementation):
+    """Image prefix + :class:`MoTTrunk`; image positions trimmed before the LM head."""
+
+    config: MoTConfig
+
+    def build_trunk(self) -> MoTTrunk:
+        return MoTTrunk(self.model_config, self.config.dispatch)
+
+    def context(
+        self, image_embeds: Tensor, image_valid: Tensor | None, input_ids: Tensor
+    ) -> ModalityContext:
+        b, t = image_embeds.shape[:2]
+        s = input_ids.shape[1]
+        device = image_embeds.device
+        ids = torch.cat(
+            (
+                torch.full((b, t), IMAGE, dtype=torch.long, device=device),
+                torch.full((b, s), TEXT, dtype=torch.long, device=device),
+            ),
+            dim=1,
+        )
+        return ModalityContext(
+            prefix_embeds=image_embeds,
+            modality_ids=ids,
+            key_padding_mask=prefix_key_padding(image_valid, s),
+        )
+
+    def decode_context(
+        self,
+        image_embeds: Tensor,
+        image_valid: Tensor | None,
+        new_ids: Tensor,
+        cache: KVCache,
+    ) -> ModalityContext | None:
+        return ModalityContext(
+            modality_ids=torch.full_like(new_ids, TEXT, dtype=torch.long),
+        )

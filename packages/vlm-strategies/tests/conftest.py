@@ -1,0 +1,7 @@
+"""Test settings shared by the vlm-strategies suite."""
+
+from __future__ import annotations
+
+import torch
+
+torch.set_num_threads(1)
