@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 import torch
-from vlm_config import ModelConfig
 
+from vlm_config import ModelConfig
 from vlm_transformer import Transformer
 
 torch.set_num_threads(1)

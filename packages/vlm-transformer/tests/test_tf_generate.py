@@ -61,7 +61,9 @@ def test_prefix_prefill_and_decode_context(model: Transformer) -> None:
 
     a = generate(model, ids, max_new_tokens=6, context=ctx, decode_context_fn=step_ctx)
     assert calls == [(i, (2, 1)) for i in range(1, 6)]
-    b = generate(model, ids, max_new_tokens=6, context=ctx, decode_context_fn=step_ctx, use_cache=False)
+    b = generate(
+        model, ids, max_new_tokens=6, context=ctx, decode_context_fn=step_ctx, use_cache=False
+    )
     assert torch.equal(a, b)
     # greedy reference by recomputation
     seq = ids

@@ -47,8 +47,10 @@ def _hf_llama(tmp: Path, *, kv_heads: int, tied: bool, seed: int = 0) -> tuple[P
 def test_logits_parity(tmp_path: Path, kv_heads: int, tied: bool) -> None:
     folder, hf = _hf_llama(tmp_path, kv_heads=kv_heads, tied=tied)
     ours = load_hf_llama(folder).eval()
-    assert ours.config.kv_heads == kv_heads and ours.config.tie_embeddings == tied
-    assert ours.config.norm_eps == 1e-6 and ours.config.rope_theta == 5000.0
+    assert ours.config.kv_heads == kv_heads
+    assert ours.config.tie_embeddings == tied
+    assert ours.config.norm_eps == 1e-6
+    assert ours.config.rope_theta == 5000.0
     ids = torch.randint(0, 128, (3, 20))
     with torch.no_grad():
         ref = hf(ids).logits
@@ -101,7 +103,8 @@ def test_export_round_trip(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, mine(ids), atol=1e-4, rtol=1e-4)
     hf_cfg = to_hf_config(cfg)
-    assert hf_cfg.num_key_value_heads == 2 and hf_cfg.intermediate_size == 96
+    assert hf_cfg.num_key_value_heads == 2
+    assert hf_cfg.intermediate_size == 96
 
 
 def test_tied_export(tmp_path: Path) -> None:
@@ -134,8 +137,14 @@ def test_bad_weights_are_listed(tmp_path: Path) -> None:
 
 
 def test_unsupported_configs() -> None:
-    base = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
-            "num_hidden_layers": 1, "vocab_size": 10, "intermediate_size": 8}
+    base = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 1,
+        "vocab_size": 10,
+        "intermediate_size": 8,
+    }
     with pytest.raises(ValueError, match="attention_bias"):
         config_from_hf({**base, "attention_bias": True})
     with pytest.raises(ValueError, match="rope"):

@@ -37,7 +37,8 @@ def test_layernorm_low_precision_stats() -> None:
 
 
 def test_rotary_matches_hf_rotate_half() -> None:
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    apply_rotary_pos_emb = llama.apply_rotary_pos_emb
 
     rot = RotaryEmbedding(16, theta=500.0)
     pos = torch.arange(7)[None].expand(2, 7)
@@ -112,7 +113,8 @@ def test_key_padding_guard_zeroes_empty_rows() -> None:
 def test_build_mask_cases() -> None:
     assert build_attention_mask(q_len=4, kv_len=4, device="cpu").is_causal
     full = build_attention_mask(q_len=1, kv_len=9, device="cpu")
-    assert full.dense is None and not full.is_causal
+    assert full.dense is None
+    assert not full.is_causal
     m = build_attention_mask(q_len=2, kv_len=5, device="cpu").dense
     assert m is not None
     assert m[0, 0].tolist() == [[True] * 4 + [False], [True] * 5]

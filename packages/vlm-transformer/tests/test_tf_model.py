@@ -94,7 +94,9 @@ def test_prefix_lm(model: Transformer) -> None:
     out = model(ids, ctx)
     changed = prefix.clone()
     changed[:, 2] += 1.0
-    out2 = model(ids, ModalityContext(prefix_embeds=changed, prefix_bidirectional=True, trim_prefix=0))
+    out2 = model(
+        ids, ModalityContext(prefix_embeds=changed, prefix_bidirectional=True, trim_prefix=0)
+    )
     # earlier prefix positions see the later prefix position (bidirectional) ...
     assert (out[:, 0] - out2[:, 0]).abs().max() > 1e-4
     # ... while causal mode does not
@@ -130,8 +132,13 @@ def test_forward_validation(model: Transformer) -> None:
     with pytest.raises(ValueError, match="not both"):
         model(ids, ModalityContext(inputs_embeds=torch.randn(2, 5, 32)))
     with pytest.raises(ValueError, match=r"\(2, 8\)"):
-        model(ids, ModalityContext(prefix_embeds=torch.randn(2, 3, 32),
-                                   modality_ids=torch.zeros(2, 5, dtype=torch.long)))
+        model(
+            ids,
+            ModalityContext(
+                prefix_embeds=torch.randn(2, 3, 32),
+                modality_ids=torch.zeros(2, 5, dtype=torch.long),
+            ),
+        )
     with pytest.raises(ValueError, match=r"\(2, 3, 32\)"):
         model(ids, ModalityContext(prefix_embeds=torch.randn(2, 3, 16)))
     with pytest.raises(ValueError, match="long"):
@@ -160,12 +167,14 @@ def test_meta_init_and_bf16_rotary() -> None:
     assert m.rotary.inv_freq.dtype == torch.float32
     assert m.embed.weight.dtype == torch.bfloat16
     out = m(torch.randint(0, 64, (1, 4)))
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert out.dtype == torch.bfloat16
+    assert torch.isfinite(out.float()).all()
 
 
 def test_tied_embeddings_single_parameter() -> None:
     m = tiny_model(tie_embeddings=True)
-    assert m.lm_head is None and m.output_weight is m.embed.weight
+    assert m.lm_head is None
+    assert m.output_weight is m.embed.weight
     assert "lm_head.weight" not in m.state_dict()
     h = torch.randn(1, 2, 32)
     torch.testing.assert_close(
@@ -197,7 +206,8 @@ def test_custom_trunk_and_zero_init() -> None:
     trunk = _ScaledTrunk(cfg)
     m = Transformer(cfg, trunk)
     m.init_weights()
-    assert (trunk.gate.weight == 0).all() and (trunk.gate.bias == 0).all()
+    assert (trunk.gate.weight == 0).all()
+    assert (trunk.gate.bias == 0).all()
     out = m(torch.randint(0, 64, (1, 3)))
     assert out.shape == (1, 3, 64)
     assert set(m.auxiliary_losses()) == {"z"}

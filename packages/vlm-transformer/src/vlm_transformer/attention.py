@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from vlm_config import ModelConfig
 
+from vlm_config import ModelConfig
 from vlm_transformer.init import mark_output_projection
 from vlm_transformer.masks import AttentionMask
 from vlm_transformer.norms import RMSNorm
@@ -124,18 +125,16 @@ class Attention(nn.Module):
         cache: LayerKVCache | None = None,
     ) -> Tensor:
         b, s, _ = x.shape
-        q, k, v = self.qkv_proj(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
-        q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        qkv = self.qkv_proj(x).view(b, s, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        qk, v = qkv.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=2)
         if self.q_norm is not None and self.k_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+            q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=2)
+        # one rotary pass over the query and key heads together, (B, S, H, hd) layout
+        qk = apply_rotary(qk, cos, sin, head_axis=-2)
+        q, k = qk.transpose(1, 2).split([self.n_heads, self.n_kv_heads], dim=1)
+        v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v)
         out = attention(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.q_dim))
-
-

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
-from vlm_config import ModelConfig
 
+from vlm_config import ModelConfig
 from vlm_transformer.attention import Attention
 from vlm_transformer.mlp import build_mlp
 from vlm_transformer.norms import build_norm

@@ -141,25 +141,34 @@ def generate(
     if attention_mask is not None:
         if tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(
-                f"attention_mask must be {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+                f"attention_mask must be {tuple(input_ids.shape)}, "
+                f"got {tuple(attention_mask.shape)}"
             )
         text_valid = attention_mask.to(torch.bool)
         if bool(text_valid.all()):
             text_valid = None  # keep the is_causal fast path
     eos_ids: list[int] = (
-        [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        []
+        if eos_token_id is None
+        else [eos_token_id]
+        if isinstance(eos_token_id, int)
+        else list(eos_token_id)
     )
     pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     eos_t = torch.tensor(eos_ids, dtype=torch.long, device=device)
-    if not use_cache and decode_context_fn is None and context is not None:
-        if any(
+    if (
+        not use_cache
+        and decode_context_fn is None
+        and context is not None
+        and any(
             getattr(context, f) is not None
             for f in ("modality_ids", "key_padding_mask", "inputs_embeds")
-        ):
-            raise ValueError(
-                "use_cache=False with per-position context fields (modality_ids, "
-                "key_padding_mask, inputs_embeds) needs a decode_context_fn"
-            )
+        )
+    ):
+        raise ValueError(
+            "use_cache=False with per-position context fields (modality_ids, "
+            "key_padding_mask, inputs_embeds) needs a decode_context_fn"
+        )
 
     was_training = model.training
     model.eval()

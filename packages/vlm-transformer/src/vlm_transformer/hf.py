@@ -5,14 +5,14 @@ Supported checkpoints: ``model_type == "llama"`` (``LlamaForCausalLM``) with
 num_attention_heads``, ``pretraining_tp == 1`` and default RoPE (no ``rope_scaling`` /
 ``rope_type == "default"``). Anything else raises ``ValueError`` naming the field.
 
-Weight-name mapping (``i`` = layer index; ours <- Hugging Face)::
+Weight-name mapping (``i`` = layer index; ours <- Hugging Face; ``cat`` along dim 0)::
 
     embed.weight                              <- model.embed_tokens.weight
     trunk.layers.i.attn_norm.weight           <- model.layers.i.input_layernorm.weight
-    trunk.layers.i.attn.qkv_proj.weight       <- cat(model.layers.i.self_attn.{q,k,v}_proj.weight, 0)
+    trunk.layers.i.attn.qkv_proj.weight       <- cat(model.layers.i.self_attn.{q,k,v}_proj.weight)
     trunk.layers.i.attn.o_proj.weight         <- model.layers.i.self_attn.o_proj.weight
     trunk.layers.i.mlp_norm.weight            <- model.layers.i.post_attention_layernorm.weight
-    trunk.layers.i.mlp.gate_up_proj.weight    <- cat(model.layers.i.mlp.{gate,up}_proj.weight, 0)
+    trunk.layers.i.mlp.gate_up_proj.weight    <- cat(model.layers.i.mlp.{gate,up}_proj.weight)
     trunk.layers.i.mlp.down_proj.weight       <- model.layers.i.mlp.down_proj.weight
     trunk.norm.weight                         <- model.norm.weight
     lm_head.weight                            <- lm_head.weight   (absent when tied)
@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from vlm_config import ModelConfig
 
+from vlm_config import ModelConfig
 from vlm_transformer.model import Transformer
 
 __all__ = [
@@ -87,7 +87,11 @@ def config_from_hf(hf_config: Mapping[str, Any] | Any, **overrides: Any) -> Mode
         problems.append(f"head_dim={head_dim} != hidden_size/num_attention_heads")
     rope_params = _get(hf_config, "rope_parameters") or {}
     scaling = _get(hf_config, "rope_scaling")
-    rope_type = (rope_params or {}).get("rope_type", "default") if isinstance(rope_params, Mapping) else "default"
+    rope_type = (
+        (rope_params or {}).get("rope_type", "default")
+        if isinstance(rope_params, Mapping)
+        else "default"
+    )
     if scaling and (scaling.get("rope_type", scaling.get("type")) not in ("default", None)):
         problems.append(f"rope_scaling={scaling}")
     if rope_type != "default":
@@ -205,7 +209,8 @@ def from_hf_state_dict(hf_state: Mapping[str, Tensor], config: ModelConfig) -> d
     state = {
         k: v
         for k, v in hf_state.items()
-        if not k.endswith(_IGNORED_SUFFIXES) and not (config.tie_embeddings and k == "lm_head.weight")
+        if not k.endswith(_IGNORED_SUFFIXES)
+        and not (config.tie_embeddings and k == "lm_head.weight")
     }
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -352,5 +357,7 @@ def save_hf_llama(model: Transformer, path: str | Path) -> Path:
     state = to_hf_state_dict(model.state_dict(), model.config)
     dtype = next(iter(state.values())).dtype
     (folder / "config.json").write_text(json.dumps(hf_config_dict(model.config, dtype), indent=2))
-    save_file({k: v.cpu() for k, v in state.items()}, str(folder / "model.safetensors"), {"format": "pt"})
+    save_file(
+        {k: v.cpu() for k, v in state.items()}, str(folder / "model.safetensors"), {"format": "pt"}
+    )
     return folder

@@ -71,8 +71,8 @@ def init_module_tree(root: nn.Module, std: float, output_std: float | None = Non
     for module in root.modules():
         mark = getattr(module, "zero_init", False)
         if mark is True:
-            for p in module.parameters():
-                p.zero_()
+            for param in module.parameters():
+                param.zero_()
         elif mark:
             for name in mark:
                 p = module._parameters.get(name)

@@ -42,7 +42,8 @@ class AttentionMask:
                 raise ValueError(f"AttentionMask.dense must be bool, got {self.dense.dtype}")
             if self.dense.ndim != 4:
                 raise ValueError(
-                    f"AttentionMask.dense must be 4-D (B, H|1, Sq, Sk), got {tuple(self.dense.shape)}"
+                    "AttentionMask.dense must be 4-D (B, H|1, Sq, Sk), got "
+                    f"{tuple(self.dense.shape)}"
                 )
 
     @classmethod

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from vlm_config import ModelConfig
 
+from vlm_config import ModelConfig
 from vlm_transformer.init import mark_output_projection
 
 __all__ = ["GeluMLP", "SwiGLU", "build_mlp"]

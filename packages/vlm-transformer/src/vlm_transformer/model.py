@@ -8,8 +8,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from vlm_config import ModelConfig
 
+from vlm_config import ModelConfig
 from vlm_transformer.cache import KVCache
 from vlm_transformer.context import ModalityContext
 from vlm_transformer.masks import AttentionMask, build_attention_mask
@@ -128,11 +128,11 @@ class Transformer(nn.Module):
         prefix_len = 0 if ctx is None else ctx.prefix_len
         total = prefix_len + text_len
         if positions is not None and (
-            positions.ndim != 2 or positions.shape[-1] != total or positions.shape[0] not in (1, batch)
+            positions.ndim != 2
+            or positions.shape[-1] != total
+            or positions.shape[0] not in (1, batch)
         ):
-            raise ValueError(
-                f"positions must be (B|1, {total}) long, got {tuple(positions.shape)}"
-            )
+            raise ValueError(f"positions must be (B|1, {total}) long, got {tuple(positions.shape)}")
 
         if input_ids is not None:
             hidden = self.embed(input_ids)

@@ -16,7 +16,9 @@ from torch import Tensor, nn
 __all__ = ["RotaryEmbedding", "apply_rotary", "rotate_half", "rotary_inv_freq"]
 
 
-def rotary_inv_freq(head_dim: int, theta: float, device: torch.device | str | None = None) -> Tensor:
+def rotary_inv_freq(
+    head_dim: int, theta: float, device: torch.device | str | None = None
+) -> Tensor:
     """Inverse frequencies ``theta ** (-2i / head_dim)``, shape ``(head_dim // 2,)``, float32.
 
     Raises:
@@ -34,20 +36,29 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, head_axis: int = -3) -> Tensor:
     """Rotate queries or keys by their positions.
 
     Args:
-        x: ``(B, H, S, D)`` queries or keys, any floating dtype.
+        x: ``(B, H, S, D)`` queries or keys (``head_axis=-3``), or ``(B, S, H, D)``
+            (``head_axis=-2``); any floating dtype.
         cos, sin: ``(B, S, D)`` or ``(S, D)`` (float32 from :class:`RotaryEmbedding`);
             they are cast to ``x.dtype`` first (Hugging Face semantics).
 
     Returns:
-        ``(B, H, S, D)`` in ``x.dtype``: ``x * cos + rotate_half(x) * sin``.
+        same shape and dtype as ``x``: ``x * cos + rotate_half(x) * sin``, evaluated
+        half by half (bitwise the same values, fewer memory passes).
+
+    Raises:
+        ValueError: ``head_axis`` is not -3 or -2.
     """
-    cos = cos.unsqueeze(-3).to(x.dtype)
-    sin = sin.unsqueeze(-3).to(x.dtype)
-    return x * cos + rotate_half(x) * sin
+    if head_axis not in (-3, -2):
+        raise ValueError(f"head_axis must be -3 or -2, got {head_axis}")
+    half = x.shape[-1] // 2
+    cos = cos[..., :half].unsqueeze(head_axis).to(x.dtype)
+    sin = sin[..., :half].unsqueeze(head_axis).to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 class RotaryEmbedding(nn.Module):

@@ -7,8 +7,8 @@ import math
 from dataclasses import dataclass
 
 from torch import Tensor, nn
-from vlm_config import ModelConfig
 
+from vlm_config import ModelConfig
 from vlm_transformer.block import DecoderBlock
 from vlm_transformer.cache import KVCache
 from vlm_transformer.context import ModalityContext
