@@ -36,13 +36,17 @@ def trunk_of(model: VLMWrapper) -> MoMaTrunk:
     return trunk
 
 
-def batch(b: int = 2, s: int = 12, frames: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
+def batch(
+    b: int = 2, s: int = 12, frames: int | None = None, seed: int = 0
+) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(seed)
     shape = (b, 3, 16, 16) if frames is None else (b, frames, 3, 16, 16)
     return torch.randn(shape, generator=g), torch.randint(0, 64, (b, s), generator=g)
 
 
-def tiny_layer(seed: int = 0, experts: int = 4, capacity: float = 0.25, **kw: object) -> MoMaExperts:
+def tiny_layer(
+    seed: int = 0, experts: int = 4, capacity: float = 0.25, **kw: object
+) -> MoMaExperts:
     torch.manual_seed(seed)
     layer = MoMaExperts(16, 24, experts, capacity, **kw)  # type: ignore[arg-type]
     for name in ("image", "text"):
@@ -168,10 +172,14 @@ def test_padded_positions_are_never_picked() -> None:
     out = layer(x, ids, valid, (4, 6))
     assert (out[~valid] == 0).all()
     # changing padded inputs changes nothing else
-    x2 = x.clone()
-    x2[~valid] = 100.0
+    x2 = x.clone().requires_grad_()
+    with torch.no_grad():
+        x2[~valid] = float("nan")  # garbage in padded rows stays there
     out2 = layer(x2, ids, valid, (4, 6))
     torch.testing.assert_close(out2[valid], out[valid], atol=0, rtol=0)
+    out2[valid].sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+    assert (x2.grad[~valid] == 0).all()
     util = layer.stats["text"]["utilisation"]
     assert torch.allclose(util, torch.ones(4))  # every real text token, once per expert
 
@@ -264,7 +272,7 @@ def test_expert_utilisation_and_aux_losses() -> None:
     trunk = trunk_of(model)
     assert model.auxiliary_losses() == {}  # before any forward
     pixels, ids = batch()
-    logits, _ = model(pixels, ids)
+    model(pixels, ids)
     util = trunk.expert_utilisation()
     assert set(util) == {f"layers.{i}.{m}" for i in range(2) for m in ("image", "text")}
     for key, u in util.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 from pydantic import Field
+
 from vlm_config import ArchConfig
 
 #: Modality index -> name, in ``modality_ids`` order (0 = image prefix, 1 = text).

@@ -108,6 +108,10 @@ def expert_choice_forward(
     flat = (routing.index + offsets).permute(1, 0, 2).reshape(e, b * k)
     # index_select (backward: index_add) is far faster on CPU than advanced indexing
     tokens = torch.index_select(x.reshape(b * s, d), 0, flat.reshape(-1)).view(e, b * k, d)
+    # dropped picks (padded / other-modality positions) feed zeros: their gate is 0
+    # anyway, and garbage in padded rows can then never reach the weights' gradients
+    keep = routing.keep.permute(1, 0, 2).reshape(e, b * k, 1)
+    tokens = tokens.masked_fill(~keep, 0.0)
     gu = torch.bmm(tokens, gate_up.to(x.dtype))
     gate, up = gu.chunk(2, dim=-1)
     y = torch.bmm(F.silu(gate) * up, down.to(x.dtype))  # (E, B*k, D)
@@ -152,8 +156,8 @@ class ExpertGroup(nn.Module):
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    m = mask.to(values.dtype)
-    return (values * m).sum() / m.sum().clamp_min(1.0)
+    total = torch.where(mask, values, torch.zeros_like(values)).sum()
+    return total / mask.sum().clamp_min(1).to(values.dtype)
 
 
 class MoMaExperts(nn.Module):
@@ -162,7 +166,9 @@ class MoMaExperts(nn.Module):
 
     ``forward(x (B,S,D), modality_ids (B,S) long, valid (B,S) bool | None, counts)``
     returns the summed expert outputs ``(B, S, D)``; ``counts[m]`` is the static number
-    of positions of modality ``m`` (``k_m = ceil(capacity * counts[m])``).
+    of positions of modality ``m`` (``k_m = ceil(capacity * counts[m])``).  Rows with
+    ``valid == False`` are zeroed before routing, never picked, and get zero output, so
+    whatever they hold reaches neither real outputs nor any gradient.
 
     After each forward, :attr:`stats` holds detached per-modality routing statistics
     (``utilisation (E,)``: fraction of the modality's real tokens each expert
@@ -226,6 +232,8 @@ class MoMaExperts(nn.Module):
         if len(counts) != len(MOMA_MODALITIES):
             raise ValueError(f"counts must give {len(MOMA_MODALITIES)} modality sizes")
         b, s, _ = x.shape
+        if valid is not None:  # padded rows hold garbage: keep it out of every gradient
+            x = x.masked_fill(~valid[..., None], 0.0)
         out = torch.zeros_like(x)
         stats: dict[str, dict[str, Tensor]] = {}
         aux: dict[str, dict[str, Tensor]] = {}

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from vlm_transformer import ModalityContext, Trunk
 
 from vlm_strategies.api import ArchImplementation
 from vlm_strategies.archs.joint_decoder.impl import prefix_key_padding
 from vlm_strategies.archs.moma.config import MoMaConfig
 from vlm_strategies.archs.moma.trunk import MoMaTrunk
+from vlm_transformer import ModalityContext, Trunk
 
 __all__ = ["MoMa", "prefix_modality_ids"]
 

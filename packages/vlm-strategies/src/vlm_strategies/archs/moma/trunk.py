@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from vlm_config import ModelConfig
-from vlm_transformer import Attention, Trunk, TrunkInputs, build_norm
 
+from vlm_config import ModelConfig
 from vlm_strategies.archs.moma.config import MOMA_MODALITIES, MoMaConfig
 from vlm_strategies.archs.moma.experts import MoMaExperts
+from vlm_transformer import Attention, Trunk, TrunkInputs, build_norm
 
 __all__ = ["MoMaBlock", "MoMaTrunk"]
 
@@ -58,7 +58,9 @@ class MoMaTrunk(Trunk):
     def __init__(self, config: ModelConfig, arch: MoMaConfig) -> None:
         super().__init__(config)
         self.arch = arch
-        self.layers = nn.ModuleDict({str(i): MoMaBlock(config, arch) for i in range(config.n_layers)})
+        self.layers = nn.ModuleDict(
+            {str(i): MoMaBlock(config, arch) for i in range(config.n_layers)}
+        )
         self.norm = build_norm(config.norm_type, config.dim, config.norm_eps)
 
     def forward(self, hidden: Tensor, state: TrunkInputs) -> Tensor:
@@ -79,7 +81,12 @@ class MoMaTrunk(Trunk):
         return self.norm(hidden)
 
     def _experts(self) -> list[tuple[str, MoMaExperts]]:
-        return [(name, layer.experts) for name, layer in self.layers.items()]  # type: ignore[union-attr]
+        out = []
+        for name, layer in self.layers.items():
+            experts = layer.experts
+            assert isinstance(experts, MoMaExperts)
+            out.append((name, experts))
+        return out
 
     def expert_utilisation(self) -> dict[str, Tensor]:
         """Last forward's fraction of real tokens each expert processed:
