@@ -8,8 +8,7 @@ never imports torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from vlm_adapters.__about__ import __version__
 from vlm_adapters._grid import square_grid_side
@@ -20,6 +19,7 @@ from vlm_adapters.configs import (
     MLP2LayerAdapterConfig,
     PixelShuffleAdapterConfig,
 )
+from vlm_config.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from vlm_adapters.base import VisionAdapter
@@ -81,14 +81,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'vlm_adapters' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -11,6 +11,7 @@ from vlm_config.components import (
     StrictModel,
     matches_any,
 )
+from vlm_config.data import DataConfig
 from vlm_config.files import (
     ConfigFileError,
     apply_overrides,
@@ -27,6 +28,7 @@ from vlm_config.job import (
     compute_sequence_budget,
     resolved_job_config_class,
 )
+from vlm_config.lazy import lazy_exports
 from vlm_config.model import ModelConfig
 from vlm_config.parallel import ParallelConfig
 from vlm_config.registry import PluginEntry, PluginError, PluginRegistry, get_registry
@@ -35,6 +37,7 @@ from vlm_config.train import TrainConfig
 __all__ = [
     "AdapterConfig",
     "ConfigFileError",
+    "DataConfig",
     "JobConfig",
     "PluginEntry",
     "PluginError",
@@ -46,6 +49,7 @@ __all__ = [
     "compute_sequence_budget",
     "dump_toml",
     "get_registry",
+    "lazy_exports",
     "load_job_config",
     "read_config_file",
     "resolved_job_config_class",
