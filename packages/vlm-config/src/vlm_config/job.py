@@ -15,6 +15,7 @@ from typing import Annotated, Any, Union
 from pydantic import BeforeValidator, Field, SerializeAsAny, create_model, model_validator
 
 from vlm_config.components import AdapterConfig, ArchConfig, EncoderConfig, StrictModel
+from vlm_config.data import DataConfig
 from vlm_config.model import ModelConfig
 from vlm_config.parallel import ParallelConfig
 from vlm_config.registry import GROUP_BASES, PluginError, PluginRegistry, get_registry
@@ -121,6 +122,7 @@ class JobConfig(StrictModel):
     arch: SerializeAsAny[ArchConfig]
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
 
     @model_validator(mode="before")
     @classmethod

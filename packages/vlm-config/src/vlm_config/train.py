@@ -32,6 +32,14 @@ class TrainConfig(StrictModel):
     checkpoint_every: int | None = Field(default=None, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     output_dir: str = "runs/default"
+    resume: bool = Field(default=True, description="resume from the latest checkpoint")
+    eval_every: int | None = Field(default=None, ge=1, description="held-out eval every N steps")
+    eval_at_end: bool = True
+    progress: bool = Field(default=True, description="tqdm progress bar on the main rank")
+    export: bool = Field(default=True, description="export a consolidated model at the end")
+    num_threads: int | None = Field(
+        default=None, ge=1, description="torch intra-op CPU threads; None: torch's default"
+    )
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainConfig:
