@@ -1,0 +1,173 @@
+"""Activation checkpointing benchmark: peak memory and step time, none / selective / full.
+
+One process, one model (a joint-decoder VLM: random encoder -> mlp_2layer adapter ->
+decoder, dim 256, 4 layers, 64 image + 192 text = 256 positions, batch 8, vocab 1024),
+identical weights and batch for every mode; AC applied with
+``vlm_parallel.apply_activation_checkpointing``.  Modes alternate step by step so that
+machine drift hits all of them equally.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_activation_checkpointing.py --threads 2
+
+Memory method (CPU): the script re-executes itself with ``MALLOC_MMAP_THRESHOLD_=65536``
+so glibc serves every tensor larger than 64 KiB with its own ``mmap`` and returns it
+to the OS on free; the resident set size then follows the live tensor bytes.  A
+background thread samples ``/proc/self/statm`` every ~0.2 ms during forward+backward;
+"peak" is the maximum RSS minus the RSS just before the forward (parameters,
+gradients from the previous step and optimizer state are already resident, so the
+number is the activation + temporary memory of one step).  "after fwd" is the RSS
+growth right after the forward (the activations kept for backward).  Step time is the
+median wall time of forward + backward + AdamW step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import threading
+import time
+
+_ENV_FLAG = "MALLOC_MMAP_THRESHOLD_"
+
+if os.environ.get(_ENV_FLAG) is None and __name__ == "__main__":
+    os.environ[_ENV_FLAG] = "65536"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+import torch  # noqa: E402
+
+from vlm_config import JobConfig  # noqa: E402
+from vlm_parallel import apply_activation_checkpointing  # noqa: E402
+from vlm_strategies import build_vlm, causal_lm_loss  # noqa: E402
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+MODES = ("none", "selective", "full")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+class PeakRSS:
+    """Samples the resident set size in a background thread."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.0002)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+def job_config(args: argparse.Namespace) -> JobConfig:
+    image_tokens = 64
+    return JobConfig.model_validate(
+        {
+            "model": {
+                "dim": args.dim,
+                "n_layers": args.layers,
+                "n_heads": 8,
+                "vocab_size": 1024,
+                "max_seq_len": args.seq,
+            },
+            "encoder": {
+                "type": "random",
+                "num_tokens": image_tokens,
+                "feature_dim": 128,
+                "image_size": 32,
+            },
+            "adapter": {"type": "mlp_2layer"},
+            "arch": {"arch": "joint_decoder", "max_text_len": args.seq - image_tokens},
+        }
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6, help="measured steps per mode")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    job = job_config(args)
+
+    models = {}
+    optimizers = {}
+    for mode in MODES:
+        torch.manual_seed(0)
+        model = build_vlm(job)
+        apply_activation_checkpointing(model, mode)
+        models[mode] = model
+        optimizers[mode] = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randn(args.batch, 3, 32, 32, generator=gen)
+    ids = torch.randint(0, 1024, (args.batch, job.arch.max_text_len), generator=gen)
+
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    peaks: dict[str, list[int]] = {m: [] for m in MODES}
+    after_fwd: dict[str, list[int]] = {m: [] for m in MODES}
+    losses: dict[str, float] = {}
+    for it in range(args.warmup + args.steps):
+        for mode in MODES:
+            model, optimizer = models[mode], optimizers[mode]
+            optimizer.zero_grad(set_to_none=False)  # grads stay resident: not counted
+            gc.collect()
+            base = rss_bytes()
+            start = time.perf_counter()
+            with PeakRSS() as peak:
+                logits, labels = model(pixels, ids, labels=ids)
+                loss = causal_lm_loss(logits, labels)
+                fwd = rss_bytes() - base
+                loss.backward()
+            optimizer.step()
+            elapsed = time.perf_counter() - start
+            if it >= args.warmup:
+                times[mode].append(elapsed)
+                peaks[mode].append(peak.peak - base)
+                after_fwd[mode].append(fwd)
+            losses[mode] = loss.item()
+            del logits, labels, loss
+
+    mib = 1024 * 1024
+    print(
+        f"model: dim {args.dim}, {args.layers} layers, seq {args.seq}, batch {args.batch}; "
+        f"threads {torch.get_num_threads()}; {args.steps} measured steps per mode"
+    )
+    print(
+        f"{'mode':<10} {'step ms':>9} {'x none':>7} {'peak MiB':>9} {'x none':>7} "
+        f"{'after fwd MiB':>14} {'loss':>8}"
+    )
+    base_t = statistics.median(times["none"])
+    base_m = statistics.median(peaks["none"])
+    for mode in MODES:
+        t = statistics.median(times[mode])
+        m = statistics.median(peaks[mode])
+        f = statistics.median(after_fwd[mode])
+        print(
+            f"{mode:<10} {t * 1e3:9.1f} {t / base_t:7.2f} {m / mib:9.1f} {m / base_m:7.2f} "
+            f"{f / mib:14.1f} {losses[mode]:8.4f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""FSDP2 sharding, activation checkpointing, meta-device init and DCP checkpoints.
+
+Everything works the same with one process (no process group) and with N processes
+launched by ``torchrun``; user code never branches on the world size.
+"""
+
+from vlm_parallel.__about__ import __version__
+from vlm_parallel.activation import (
+    ACMode,
+    apply_activation_checkpointing,
+    attention_like_submodules,
+)
+from vlm_parallel.build import build_parallel_vlm, encoder_ever_trainable, materialize
+from vlm_parallel.checkpoint import (
+    COMPLETE_MARKER,
+    CheckpointManager,
+    capture_rng_state,
+    export_consolidated,
+    load_consolidated,
+    restore_rng_state,
+)
+from vlm_parallel.dist import DistContext, destroy_distributed, init_distributed, resolve_mesh_shape
+from vlm_parallel.fsdp import apply_fsdp, is_sharded, torch_dtype
+
+__all__ = [
+    "ACMode",
+    "COMPLETE_MARKER",
+    "CheckpointManager",
+    "DistContext",
+    "__version__",
+    "apply_activation_checkpointing",
+    "apply_fsdp",
+    "attention_like_submodules",
+    "build_parallel_vlm",
+    "capture_rng_state",
+    "destroy_distributed",
+    "encoder_ever_trainable",
+    "export_consolidated",
+    "init_distributed",
+    "is_sharded",
+    "load_consolidated",
+    "materialize",
+    "resolve_mesh_shape",
+    "restore_rng_state",
+    "torch_dtype",
+]

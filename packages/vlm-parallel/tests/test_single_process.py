@@ -1,0 +1,278 @@
+"""Single-process tests (no process group): API contracts, AC, checkpoints, exports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import vlmp_workers as w
+
+import vlm_parallel as vp
+from vlm_config import JobConfig, ParallelConfig
+from vlm_strategies import build_vlm, causal_lm_loss
+from vlm_transformer import Attention
+
+
+@pytest.fixture
+def job() -> JobConfig:
+    return JobConfig.model_validate(w.tiny_job_dict())
+
+
+@pytest.fixture
+def ctx(monkeypatch: pytest.MonkeyPatch) -> vp.DistContext:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    return vp.init_distributed(ParallelConfig(), device="cpu")
+
+
+def test_public_api() -> None:
+    assert vp.__version__ == "0.1.0"
+    for name in vp.__all__:
+        assert hasattr(vp, name)
+
+
+def test_init_distributed_single_process(ctx: vp.DistContext) -> None:
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.mesh) == (0, 1, True, None)
+    assert ctx.device == torch.device("cpu")
+    assert not ctx.distributed
+    assert not torch.distributed.is_initialized()
+    vp.destroy_distributed()  # no-op
+
+
+def test_mesh_shape_resolution() -> None:
+    assert vp.resolve_mesh_shape(ParallelConfig(), 4) == (1, 4)
+    assert vp.resolve_mesh_shape(ParallelConfig(dp_replicate=2), 4) == (2, 2)
+    assert vp.resolve_mesh_shape(ParallelConfig(dp_replicate=2, dp_shard=3), 6) == (2, 3)
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        vp.resolve_mesh_shape(ParallelConfig(tp=2), 4)
+    with pytest.raises(ValueError, match="world size 4"):
+        vp.resolve_mesh_shape(ParallelConfig(dp_shard=3), 4)
+    with pytest.raises(ValueError, match="dp_replicate"):
+        vp.resolve_mesh_shape(ParallelConfig(dp_replicate=3), 4)
+
+
+def test_init_distributed_rejects_bad_mesh(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        vp.init_distributed(ParallelConfig(tp=2))
+
+
+def test_build_single_process_equals_seeded_build_vlm(job: JobConfig, ctx: vp.DistContext) -> None:
+    model = vp.build_parallel_vlm(job, ctx, seed=3)
+    torch.manual_seed(3)
+    reference = build_vlm(job)
+    ref = reference.state_dict()
+    got = model.state_dict()
+    assert got.keys() == ref.keys()
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    for (name, a), (_, b) in zip(model.named_buffers(), reference.named_buffers()):
+        assert torch.equal(a, b), name
+    assert not any(p.is_meta for p in model.parameters())
+    assert vp.is_sharded(model)
+
+
+def test_apply_fsdp_errors(job: JobConfig, ctx: vp.DistContext) -> None:
+    model = vp.build_parallel_vlm(job, ctx, seed=0)
+    with pytest.raises(RuntimeError, match="already applied"):
+        vp.apply_fsdp(model, job.parallel, ctx)
+    with pytest.raises(TypeError, match="VLMWrapper or a Transformer"):
+        vp.apply_fsdp(torch.nn.Linear(2, 2), job.parallel, ctx)
+
+
+def _grads(model: torch.nn.Module, job: JobConfig) -> tuple[float, dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    pixels, ids = w.make_batch(2, job, gen)
+    logits, labels = model(pixels, ids, labels=ids)
+    loss = causal_lm_loss(logits, labels)
+    loss.backward()
+    return loss.item(), {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+    }
+
+
+@pytest.mark.parametrize("arch", ["joint_decoder", "cross_attention", "mot", "moma"])
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_same_gradients(arch: str, mode: str) -> None:
+    job = JobConfig.model_validate(w.tiny_job_dict(arch))
+    torch.manual_seed(0)
+    plain = build_vlm(job)
+    torch.manual_seed(0)
+    checkpointed = build_vlm(job)
+    n = vp.apply_activation_checkpointing(checkpointed, mode)
+    blocks = checkpointed.transformer.trunk.blocks()
+    assert n >= len(blocks)
+    loss_a, grads_a = _grads(plain, job)
+    loss_b, grads_b = _grads(checkpointed, job)
+    assert loss_a == pytest.approx(loss_b, abs=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-6, rtol=1e-5)
+    # Names are unchanged (no wrapper prefixes).
+    assert plain.state_dict().keys() == checkpointed.state_dict().keys()
+    with pytest.raises(RuntimeError, match="already applied"):
+        vp.apply_activation_checkpointing(checkpointed, mode)
+
+
+def test_activation_checkpointing_targets(job: JobConfig) -> None:
+    model = build_vlm(job)
+    for block in model.transformer.trunk.blocks():
+        found = vp.attention_like_submodules(block)
+        assert len(found) == 1 and isinstance(found[0], Attention)
+    assert vp.apply_activation_checkpointing(model, "none") == 0
+    with pytest.raises(ValueError, match="selective"):
+        vp.apply_activation_checkpointing(model, "everything")
+
+
+def test_activation_checkpointing_recomputes(job: JobConfig) -> None:
+    """Full AC keeps fewer saved tensors for backward than no AC."""
+
+    def saved_bytes(model: torch.nn.Module) -> int:
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        pixels, ids = w.make_batch(2, job, torch.Generator().manual_seed(0))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(pixels, ids, labels=ids)
+        return total
+
+    plain = build_vlm(job)
+    full = build_vlm(job)
+    vp.apply_activation_checkpointing(full, "full")
+    selective = build_vlm(job)
+    vp.apply_activation_checkpointing(selective, "selective")
+    assert saved_bytes(full) < saved_bytes(selective) < saved_bytes(plain)
+
+
+def test_generation_unaffected_by_checkpointing(job: JobConfig) -> None:
+    torch.manual_seed(0)
+    plain = build_vlm(job)
+    torch.manual_seed(0)
+    ac = build_vlm(job)
+    vp.apply_activation_checkpointing(ac, "full")
+    pixels, ids = w.make_batch(1, job, torch.Generator().manual_seed(1))
+    out_a = plain.generate(pixels, ids[:, :4], max_new_tokens=4)
+    out_b = ac.generate(pixels, ids[:, :4], max_new_tokens=4)
+    assert torch.equal(out_a, out_b)
+
+
+# ------------------------------------------------------------------ checkpoints
+def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, job: JobConfig) -> None:
+    pixels, ids = w.make_batch(2, job)
+    logits, labels = model(pixels, ids, labels=ids)
+    optimizer.zero_grad()
+    causal_lm_loss(logits, labels).backward()
+    optimizer.step()
+
+
+def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_checkpoint_roundtrip_rng_and_retention(
+    job: JobConfig, ctx: vp.DistContext, tmp_path: Path
+) -> None:
+    import random
+
+    import numpy as np
+
+    model = vp.build_parallel_vlm(job, ctx, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    manager = vp.CheckpointManager(tmp_path, keep_last=2)
+    assert manager.latest() is None
+    for step in (1, 2, 3):
+        _train(model, optimizer, job)
+        path = manager.save(step, model, optimizer, extra={"pos": step})
+        assert (path / vp.COMPLETE_MARKER).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000002", "step_000003"]
+    assert manager.latest() == tmp_path / "step_000003"
+    saved = _params(model)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    _train(model, optimizer, job)  # moves params and the RNG
+    info = manager.load(manager.latest(), model, optimizer)
+    assert info == {"step": 3, "extra": {"pos": 3}, "world_size": 1}
+    assert all(torch.equal(saved[k], v) for k, v in _params(model).items())
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
+    with pytest.raises(FileNotFoundError, match="COMPLETE"):
+        manager.load(tmp_path / "nope", model, optimizer)
+
+
+def test_interrupted_save_keeps_previous_checkpoint(
+    job: JobConfig, ctx: vp.DistContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = vp.build_parallel_vlm(job, ctx, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    manager = vp.CheckpointManager(tmp_path, keep_last=1)
+    _train(model, optimizer, job)
+    manager.save(1, model, optimizer)
+    at_step_1 = _params(model)
+    _train(model, optimizer, job)
+
+    import vlm_parallel.checkpoint as ckpt_mod
+
+    def boom() -> dict[str, object]:
+        raise OSError("disk full (simulated)")
+
+    # DCP has written the model/optimizer shards when the per-rank file write fails.
+    monkeypatch.setattr(ckpt_mod, "capture_rng_state", boom)
+    with pytest.raises(OSError, match="simulated"):
+        manager.save(2, model, optimizer)
+    monkeypatch.undo()
+    partial = tmp_path / "step_000002.tmp"
+    assert partial.is_dir() and any(partial.glob("*.distcp"))
+    assert not (partial / vp.COMPLETE_MARKER).exists()
+    assert manager.latest() == tmp_path / "step_000001"
+    # An unmarked folder with a final-looking name is ignored as well.
+    (tmp_path / "step_000009").mkdir()
+    assert manager.latest() == tmp_path / "step_000001"
+    (tmp_path / "step_000009").rmdir()
+
+    fresh = vp.build_parallel_vlm(job, ctx, seed=1)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    assert manager.load(manager.latest(), fresh, fresh_opt)["step"] == 1
+    assert all(torch.equal(at_step_1[k], v) for k, v in _params(fresh).items())
+
+    # A retry of the same step succeeds and replaces the partial folder.
+    manager.save(2, model, optimizer)
+    assert manager.latest() == tmp_path / "step_000002"
+    assert not partial.exists()
+    assert not (tmp_path / "step_000001").exists()  # keep_last=1
+
+
+def test_scheduler_state_roundtrip(job: JobConfig, ctx: vp.DistContext, tmp_path: Path) -> None:
+    model = vp.build_parallel_vlm(job, ctx, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    for _ in range(3):
+        _train(model, optimizer, job)
+        scheduler.step()
+    manager = vp.CheckpointManager(tmp_path)
+    manager.save(3, model, optimizer, scheduler)
+    model2 = vp.build_parallel_vlm(job, ctx, seed=0)
+    optimizer2 = torch.optim.AdamW(model2.parameters(), lr=1.0)
+    scheduler2 = torch.optim.lr_scheduler.StepLR(optimizer2, step_size=1, gamma=0.5)
+    manager.load(manager.latest(), model2, optimizer2, scheduler2)
+    assert scheduler2.last_epoch == 3
+    assert optimizer2.param_groups[0]["lr"] == pytest.approx(0.125)
+
+
+def test_export_and_load_consolidated(job: JobConfig, ctx: vp.DistContext, tmp_path: Path) -> None:
+    model = vp.build_parallel_vlm(job, ctx, seed=5)
+    out = vp.export_consolidated(model, job, tmp_path / "export")
+    assert (out / "model.safetensors").is_file() and (out / "job.toml").is_file()
+    loaded, job2 = vp.load_consolidated(out)
+    assert job2 == job
+    assert not loaded.training
+    ref = model.state_dict()
+    assert all(torch.equal(ref[k], v) for k, v in loaded.state_dict().items())
+    pixels, ids = w.make_batch(2, job, torch.Generator().manual_seed(0))
+    model.eval()
+    torch.testing.assert_close(loaded(pixels, ids)[0], model(pixels, ids)[0])
+    with pytest.raises(FileNotFoundError):
+        vp.load_consolidated(tmp_path)
