@@ -111,10 +111,15 @@ def test_freeze_aliases(registered: object) -> None:
         )
 
 
-def test_default_tags_fill_in(registered: object) -> None:
+def test_default_tags_fill_in(registered: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlm_config import job as job_module
+
+    monkeypatch.setitem(job_module.PLUGIN_SECTIONS, "arch", ("vlm.archs", "test_side"))
     data = base_job()
-    data["arch"] = {"max_text_len": 8}  # no tag: the default arch name is tried
-    with pytest.raises(ValidationError, match="joint_decoder"):
+    data["arch"] = {"max_text_len": 8}  # no tag: the section's default plugin name is used
+    assert JobConfig.model_validate(data).arch.arch == "test_side"
+    monkeypatch.setitem(job_module.PLUGIN_SECTIONS, "arch", ("vlm.archs", "not_installed"))
+    with pytest.raises(ValidationError, match="no vlm.archs plugin named 'not_installed'"):
         JobConfig.model_validate(data)
 
 
