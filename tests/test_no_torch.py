@@ -27,7 +27,9 @@ print(json.dumps({"torch": "torch" in sys.modules, "plugins": len(rows) - 1,
 def test_listing_and_validating_examples_never_imports_torch(repo_root: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-c", CODE, str(repo_root / "examples")],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     result = json.loads(out)
     assert result["torch"] is False
