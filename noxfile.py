@@ -190,6 +190,28 @@ def plugin(session: nox.Session) -> None:
     session.run("python", str(ROOT / "examples" / "plugins" / "generate_digit.py"), str(out))
 
 
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Training-step benchmark of every arch vs its Hugging Face peer (not run by default).
+
+    Writes ``build/bench/bench_vlm.json``, ``bench_vlm.png`` and prints the table; extra
+    arguments go to ``benchmarks/bench_vlm.py`` (e.g. ``nox -s bench -- --steps 20``).
+    """
+    install_packages(session, list(PACKAGES), extra="hf")
+    install(session, "matplotlib")
+    out = ROOT / "build" / "bench"
+    session.run(
+        "python",
+        str(ROOT / "benchmarks" / "bench_vlm.py"),
+        "--out",
+        str(out),
+        "--threads",
+        "2",
+        *session.posargs,
+        env={"OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"},
+    )
+
+
 nox.options.sessions = [
     "lint",
     "types",

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from vlm_strategies.api import ArchImplementation
 from vlm_strategies.video import FramePositionEmbedding, expand_frame_mask, fold_frames
-from vlm_transformer import Transformer
+from vlm_transformer import Transformer, linear_cross_entropy
 from vlm_transformer import generate as _generate
 
 __all__ = ["VLMWrapper", "causal_lm_loss"]
@@ -34,10 +34,17 @@ def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
             f"{tuple(labels.shape)}"
         )
     return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        labels[:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX,
+        logits.flatten(0, 1).float(), shift_labels(labels).flatten(), ignore_index=IGNORE_INDEX
     )
+
+
+def shift_labels(labels: Tensor) -> Tensor:
+    """``(B, S)`` labels -> the ``(B, S)`` targets of each position: ``labels[:, t + 1]``,
+    and ``-100`` (ignored) for the last position.  Shifting the labels instead of slicing
+    the logits keeps the logits contiguous: no ``(B, S-1, V)`` copy forward and no
+    zero-filled slice gradient backward."""
+    pad = labels.new_full((labels.shape[0], 1), IGNORE_INDEX)
+    return torch.cat((labels[:, 1:], pad), dim=1)
 
 
 def _param_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
@@ -121,7 +128,16 @@ class VLMWrapper(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Initialise adapter, decoder and frame positions (the encoder keeps its weights)."""
+        """Initialise adapter, decoder and frame positions (the encoder keeps its weights).
+
+        A weight-free encoder (no parameters, e.g. ``random``) has its fixed buffers
+        regenerated through its ``reset_parameters()``: they are a pure function of its
+        config, and a whole-model ``to_empty`` would otherwise leave them uninitialised.
+        """
+        has_weights = any(True for _ in self.vision_encoder.parameters())
+        reset_encoder = getattr(self.vision_encoder, "reset_parameters", None)
+        if not has_weights and callable(reset_encoder):
+            reset_encoder()
         reset = getattr(self.adapter, "reset_parameters", None)
         if callable(reset):
             reset()
@@ -190,6 +206,48 @@ class VLMWrapper(nn.Module):
         context = self.strategy.prepare(self, pixel_values, input_ids, frame_mask)
         logits = self.transformer(input_ids, context)
         return logits, labels
+
+    def loss(
+        self,
+        pixel_values: Tensor,
+        input_ids: Tensor,
+        labels: Tensor,
+        frame_mask: Tensor | None = None,
+        *,
+        chunk_size: int = 256,
+    ) -> Tensor:
+        """``causal_lm_loss(self(pixel_values, input_ids)[0], labels)`` without the logits.
+
+        The LM head and the cross-entropy are fused
+        (:func:`vlm_transformer.linear_cross_entropy`, ``chunk_size`` rows at a time), so
+        neither the ``(B, S, V)`` logits nor their gradient is ever held: less peak
+        memory and fewer memory passes in a training step.  Equal to the unfused loss up
+        to float rounding; gradients flow as usual (auxiliary losses are not included,
+        see :meth:`auxiliary_losses`).
+
+        Raises:
+            ValueError: ``labels`` is not ``(B, S)`` like ``input_ids``.
+        """
+        if labels.shape != input_ids.shape:
+            raise ValueError(
+                f"labels must be (B, S) = {tuple(input_ids.shape)} like input_ids, got "
+                f"{tuple(labels.shape)}"
+            )
+        context = self.strategy.prepare(self, pixel_values, input_ids, frame_mask)
+        targets = shift_labels(labels).flatten()
+        weight = self.transformer.output_weight
+
+        def head(hidden: Tensor) -> Tensor:
+            return linear_cross_entropy(
+                hidden.flatten(0, 1),
+                weight,
+                targets,
+                ignore_index=IGNORE_INDEX,
+                chunk_size=chunk_size,
+            )
+
+        out: Tensor = self.transformer(input_ids, context, head=head)
+        return out
 
     def auxiliary_losses(self) -> dict[str, Tensor]:
         """The trunk's auxiliary losses of the last forward (e.g. MoE balance)."""

@@ -7,6 +7,7 @@ from vlm_transformer.cache import KVCache, LayerKVCache, StepPositions
 from vlm_transformer.context import ModalityContext
 from vlm_transformer.generate import DecodeContextFn, generate, sample_next_token
 from vlm_transformer.init import init_module_tree, mark_output_projection, mark_zero_init
+from vlm_transformer.loss import linear_cross_entropy
 from vlm_transformer.masks import AttentionMask, build_attention_mask
 from vlm_transformer.mlp import GeluMLP, SwiGLU, build_mlp
 from vlm_transformer.model import Transformer
@@ -40,6 +41,7 @@ __all__ = [
     "build_norm",
     "generate",
     "init_module_tree",
+    "linear_cross_entropy",
     "mark_output_projection",
     "mark_zero_init",
     "repeat_kv",

@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from vlm_strategies import build_vlm, causal_lm_loss
+
+from .helpers import tiny_job
+
+
+@pytest.mark.parametrize(
+    "arch", [{"arch": "joint_decoder"}, {"arch": "cross_attention"}, {"arch": "mot"}]
+)
+def test_fused_loss_matches_logits_loss(arch: dict[str, str]) -> None:
+    torch.manual_seed(0)
+    model = build_vlm(tiny_job(arch)).train()
+    gen = torch.Generator().manual_seed(1)
+    pixels = torch.randn(2, 3, 16, 16, generator=gen)
+    ids = torch.randint(0, 64, (2, 10), generator=gen)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref = causal_lm_loss(model(pixels, ids)[0], labels)
+    ref_grads = torch.autograd.grad(ref, params)
+    out = model.loss(pixels, ids, labels, chunk_size=3)
+    grads = torch.autograd.grad(out, params)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_fused_loss_rejects_misshaped_labels() -> None:
+    model = build_vlm(tiny_job({"arch": "joint_decoder"}))
+    ids = torch.zeros(2, 10, dtype=torch.long)
+    with pytest.raises(ValueError, match="labels"):
+        model.loss(torch.zeros(2, 3, 16, 16), ids, ids[:, :5])
