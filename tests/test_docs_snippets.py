@@ -4,10 +4,11 @@
   temporary working directory.
 - ``toml`` fences must parse; a complete job config (one with an ``[arch]`` section and
   an encoder) must also validate.
-- ``bash`` fences run line by line: ``vlm ...`` commands for real (``vlm train`` with
-  smoke overrides that shorten training), ``pip install`` and ``nox`` lines are checked
-  for the local paths and session names they name (installing is what the nox sessions
-  themselves do).
+- ``bash`` fences run line by line in the page's working directory: ``vlm ...`` commands
+  for real (``vlm train`` with smoke overrides that shorten training; ``examples/`` paths
+  resolve against the repository), ``pip install`` and ``nox`` lines are checked for the
+  local paths and session names they name (installing is what the nox sessions
+  themselves do), ``torchrun`` lines are covered by the distributed tests.
 - ``text`` fences are diagrams and are not run.
 """
 
@@ -25,7 +26,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [*sorted((ROOT / "docs").rglob("*.md")), ROOT / "README.md"]
 FENCE = re.compile(r"^```(\w+)[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
-SMOKE = ["train.steps=3", "train.warmup_steps=1", "train.log_every=1", "data.eval_limit=8"]
+SMOKE = [
+    "train.steps=3", "train.warmup_steps=1", "train.log_every=1", "train.progress=false",
+    "data.max_eval_samples=16", "data.train_clips=64", "data.test_clips=16",
+]
 RUN_LANGS = {"python", "toml", "bash"}
 
 
@@ -39,6 +43,16 @@ def _nox_sessions() -> set[str]:
     names |= set(re.findall(r'name="([\w-]+)"', text))
     names |= {f"tests-{p.name}" for p in (ROOT / "packages").iterdir()}
     return names
+
+
+def _repo_path(arg: str) -> str:
+    """Example and package paths in the docs are relative to the repository root."""
+    return str(ROOT / arg) if arg.startswith(("examples/", "packages/")) else arg
+
+
+def bash_commands(code: str) -> list[str]:
+    """Lines of a bash fence with backslash continuations joined."""
+    return code.replace("\\\n", " ").splitlines()
 
 
 def run_bash_line(line: str, tmp: Path) -> None:
@@ -61,10 +75,10 @@ def run_bash_line(line: str, tmp: Path) -> None:
                 assert name in _nox_sessions(), f"docs name a missing nox session: {name}"
             continue
         if argv[0] == "vlm":
-            cmd = [sys.executable, "-m", "vlm_config.cli", *argv[1:]]
+            cmd = [sys.executable, "-m", "vlm_config.cli", *map(_repo_path, argv[1:])]
             if argv[1] == "train":
-                cmd += [*SMOKE, f"train.output_dir={tmp / 'run'}"]
-            result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+                cmd += SMOKE
+            result = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=600)
             assert result.returncode == 0, f"{line}\n{result.stdout}\n{result.stderr}"
             continue
         if argv[0] == "torchrun":
@@ -86,7 +100,7 @@ def test_page_snippets(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
         elif lang == "toml":
             tomllib.loads(code)
         else:
-            for line in code.splitlines():
+            for line in bash_commands(code):
                 run_bash_line(line, tmp_path)
 
 

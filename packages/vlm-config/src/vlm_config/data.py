@@ -41,6 +41,9 @@ class DataConfig(StrictModel):
     max_frames: int | None = Field(default=None, ge=1, description="None: arch.frames_per_clip")
     train_clips: int = Field(default=6000, ge=1)
     test_clips: int = Field(default=800, ge=1)
+    curriculum_steps: int = Field(
+        default=0, ge=0, description="clips: raise the longest clip 1..max over these steps"
+    )
     # digits augmentation: random shift of the 8x8 source by up to this many pixels
     augment_shift: int = Field(default=0, ge=0, le=3)
     # files

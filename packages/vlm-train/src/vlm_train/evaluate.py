@@ -1,0 +1,190 @@
+"""Held-out evaluation: teacher-forced loss and exact-match accuracy by greedy generation.
+
+Accuracy is measured on generated text (``VLMWrapper.generate``, greedy, batched), never
+on teacher-forced argmax: with non-causal routing (MoMa's expert choice) teacher forcing
+sees future tokens and overstates accuracy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlm_train.data import IGNORE_INDEX, ImageTextCollator, ImageTextDataset
+
+__all__ = ["EvalResult", "evaluate", "format_eval"]
+
+
+@dataclass
+class EvalResult:
+    """Exact-match accuracy (and loss) on a split.
+
+    Attributes:
+        by_frames: real frame count -> ``(correct, total)`` (clips; ``{1: ...}`` for images).
+        examples: a few ``(reference, prediction)`` pairs, mistakes first.
+    """
+
+    correct: int
+    total: int
+    loss: float | None
+    by_frames: dict[int, tuple[int, int]] = field(default_factory=dict)
+    examples: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "accuracy": self.accuracy,
+            "correct": self.correct,
+            "total": self.total,
+            "loss": self.loss,
+            "by_frames": {
+                str(k): {"correct": c, "total": t, "accuracy": c / t if t else 0.0}
+                for k, (c, t) in sorted(self.by_frames.items())
+            },
+            "examples": [{"reference": r, "prediction": p} for r, p in self.examples],
+        }
+
+
+def format_eval(result: EvalResult, split: str = "held-out") -> list[str]:
+    """Human-readable lines (the first is the headline)."""
+    loss = f", loss {result.loss:.4f}" if result.loss is not None else ""
+    lines = [
+        f"{split} exact-match accuracy: {100 * result.accuracy:.2f}% "
+        f"({result.correct}/{result.total}){loss}"
+    ]
+    if len(result.by_frames) > 1:
+        for n, (c, t) in sorted(result.by_frames.items()):
+            lines.append(f"  clips of {n} frame(s): {100 * c / t:.2f}% ({c}/{t})")
+    mistakes = [(r, p) for r, p in result.examples if r != p]
+    for ref, pred in mistakes[:3]:
+        lines.append(f"  e.g. expected {ref!r}, generated {pred!r}")
+    return lines
+
+
+def _all_reduce(values: list[float], world_size: int) -> list[float]:
+    if world_size == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: ImageTextDataset,
+    collator: ImageTextCollator,
+    *,
+    batch_size: int = 256,
+    max_samples: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+    autocast_bf16: bool = False,
+    compute_loss: bool = True,
+) -> EvalResult:
+    """Loss and exact-match caption accuracy of ``model`` (a ``VLMWrapper``) on ``dataset``.
+
+    With ``world_size > 1`` every rank must call this (sharded models run collectives):
+    rank ``r`` takes samples ``r::world_size``, all ranks run the same number of equally
+    sized batches and decode a fixed number of tokens (no early stop), and the counts
+    are summed over ranks.
+    """
+    n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    mine = list(range(rank, n, world_size))
+    per_rank = -(-n // world_size)
+    weights = [1] * len(mine) + [0] * (per_rank - len(mine))
+    mine += [0] * (per_rank - len(mine))
+    tok = collator.tokenizer
+    device = torch.device(device)
+    ctx: Any = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if autocast_bf16
+        else contextlib.nullcontext()
+    )
+    was_training = model.training
+    model.eval()
+    correct = 0
+    loss_sum = 0.0
+    loss_tokens = 0.0
+    by_frames: dict[int, list[int]] = {}
+    examples: list[tuple[str, str]] = []
+    try:
+        for start in range(0, per_rank, batch_size):
+            idx = mine[start : start + batch_size]
+            wts = weights[start : start + batch_size]
+            batch = collator([dataset[i] for i in idx])
+            pixels = batch["pixel_values"].to(device)
+            frame_mask = batch["frame_mask"]
+            if frame_mask is not None:
+                frame_mask = frame_mask.to(device)
+            live = torch.tensor(wts, dtype=torch.bool)
+            if compute_loss:
+                with ctx:
+                    logits, _ = model(pixels, batch["input_ids"].to(device), None, frame_mask)
+                labels = batch["labels"][:, 1:].to(device)
+                ce = F.cross_entropy(
+                    logits[:, :-1].float().flatten(0, 1),
+                    labels.flatten(),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="none",
+                ).view_as(labels)
+                keep = (labels != IGNORE_INDEX) & live[:, None].to(device)
+                loss_sum += float((ce * keep).sum())
+                loss_tokens += float(keep.sum())
+            prompt_ids, prompt_mask = collator.prompt_batch(batch["prompts"])
+            room = collator.max_text_len - prompt_ids.shape[1]
+            with ctx:
+                out = model.generate(
+                    pixels,
+                    prompt_ids.to(device),
+                    frame_mask=frame_mask,
+                    max_new_tokens=max(room, 1),
+                    eos_token_id=tok.eos_id if world_size == 1 else None,
+                    attention_mask=prompt_mask.to(device),
+                )
+            generated = out[:, prompt_ids.shape[1] :].cpu().tolist()
+            for row, w in enumerate(wts):
+                if not w:
+                    continue
+                ref = tok.normalize(batch["captions"][row])
+                pred = tok.decode(generated[row])
+                ok = ref == pred
+                correct += int(ok)
+                frames = int(batch["meta"][row].get("num_frames", 1))
+                stats = by_frames.setdefault(frames, [0, 0])
+                stats[0] += int(ok)
+                stats[1] += 1
+                if (not ok and len(examples) < 8) or len(examples) < 3:
+                    examples.append((ref, pred))
+    finally:
+        model.train(was_training)
+    keys = sorted(set(range(1, 65)))  # frame counts are small; reduce a fixed-size vector
+    vec = [float(correct), loss_sum, loss_tokens]
+    for k in keys:
+        c, t = by_frames.get(k, [0, 0])
+        vec += [float(c), float(t)]
+    vec = _all_reduce(vec, world_size)
+    frames_out = {
+        k: (int(vec[3 + 2 * i]), int(vec[4 + 2 * i]))
+        for i, k in enumerate(keys)
+        if vec[4 + 2 * i] > 0
+    }
+    mistakes = [e for e in examples if e[0] != e[1]]
+    return EvalResult(
+        correct=int(vec[0]),
+        total=n,
+        loss=(vec[1] / vec[2]) if compute_loss and vec[2] > 0 else None,
+        by_frames=frames_out,
+        examples=(mistakes + [e for e in examples if e[0] == e[1]])[:8],
+    )
