@@ -27,8 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [*sorted((ROOT / "docs").rglob("*.md")), ROOT / "README.md"]
 FENCE = re.compile(r"^```(\w+)[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 SMOKE = [
-    "train.steps=3", "train.warmup_steps=1", "train.log_every=1", "train.progress=false",
-    "data.max_eval_samples=16", "data.train_clips=64", "data.test_clips=16",
+    "train.steps=3",
+    "train.warmup_steps=1",
+    "train.log_every=1",
+    "train.progress=false",
+    "data.max_eval_samples=16",
+    "data.train_clips=64",
+    "data.test_clips=16",
 ]
 RUN_LANGS = {"python", "toml", "bash"}
 
