@@ -196,7 +196,8 @@ class CheckpointManager:
             The complete checkpoint folder ``directory/step_XXXXXX``.
 
         Raises:
-            whatever the writers raise; the partial ``.tmp`` folder is then never used.
+            ValueError: ``step`` is negative.
+            OSError: a writer failed; the partial ``.tmp`` folder is then never used.
         """
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")

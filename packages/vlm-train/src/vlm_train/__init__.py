@@ -6,8 +6,7 @@ commands); the names below load on first access.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from vlm_config.lazy import lazy_exports
 
 from vlm_train.__about__ import __version__
 
@@ -49,12 +48,4 @@ _LAZY = {
 __all__ = ["__version__", *sorted(_LAZY)]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'vlm_train' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
