@@ -7,7 +7,6 @@ commands); the names below load on first access.
 from __future__ import annotations
 
 from vlm_config.lazy import lazy_exports
-
 from vlm_train.__about__ import __version__
 
 _LAZY = {
