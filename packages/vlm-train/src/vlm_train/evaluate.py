@@ -145,7 +145,7 @@ def evaluate(
             prompt_ids, prompt_mask = collator.prompt_batch(batch["prompts"])
             room = collator.max_text_len - prompt_ids.shape[1]
             with ctx:
-                out = model.generate(
+                out = model.generate(  # type: ignore[operator]
                     pixels,
                     prompt_ids.to(device),
                     frame_mask=frame_mask,

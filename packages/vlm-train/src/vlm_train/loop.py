@@ -59,7 +59,8 @@ def build_optimizer(model: nn.Module, job: JobConfig) -> torch.optim.Optimizer:
     """AdamW over every parameter (frozen ones get no gradient and stay untouched, and
     may be unfrozen later by the freeze schedule); no weight decay on 1-D parameters."""
     cfg = job.train
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, p in model.named_parameters():
         (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [
@@ -374,9 +375,9 @@ def train(
                     and step < cfg.steps
                     and test_set is not None
                 ):
-                    result = _eval(model, test_set, collator, job, dist_ctx)
-                    metrics.write({"kind": "eval", "step": step, **_short(result)})
-                    say(f"step {step}: " + format_eval(result)[0])
+                    periodic = _eval(model, test_set, collator, job, dist_ctx)
+                    metrics.write({"kind": "eval", "step": step, **_short(periodic)})
+                    say(f"step {step}: " + format_eval(periodic)[0])
                     model.train()
         if bar is not None:
             bar.close()
@@ -392,7 +393,7 @@ def train(
         if start < cfg.steps:
             ckpt.save(step, model, optimizer, scheduler, extra={"loss": last_loss})
 
-        result = None
+        result: EvalResult | None = None
         if cfg.eval_at_end and test_set is not None:
             result = _eval(model, test_set, collator, job, dist_ctx)
             metrics.write({"kind": "eval", "step": step, "final": True, **_short(result)})

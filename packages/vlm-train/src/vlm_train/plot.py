@@ -10,7 +10,7 @@ __all__ = ["plot_loss_curve", "read_metrics"]
 
 def read_metrics(path: str | Path) -> list[dict]:
     """Records of a metrics JSONL file (bad lines skipped)."""
-    out = []
+    out: list[dict] = []
     path = Path(path)
     if not path.is_file():
         return out
