@@ -375,9 +375,9 @@ def train(
                     and step < cfg.steps
                     and test_set is not None
                 ):
-                    periodic = _eval(model, test_set, collator, job, dist_ctx)
-                    metrics.write({"kind": "eval", "step": step, **_short(periodic)})
-                    say(f"step {step}: " + format_eval(periodic)[0])
+                    interim = _eval(model, test_set, collator, job, dist_ctx)
+                    metrics.write({"kind": "eval", "step": step, **_short(interim)})
+                    say(f"step {step}: " + format_eval(interim)[0])
                     model.train()
         if bar is not None:
             bar.close()
