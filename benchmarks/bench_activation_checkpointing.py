@@ -26,7 +26,6 @@ import gc
 import os
 import statistics
 import sys
-import threading
 import time
 
 _ENV_FLAG = "MALLOC_MMAP_THRESHOLD_"
@@ -36,42 +35,13 @@ if os.environ.get(_ENV_FLAG) is None and __name__ == "__main__":
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
 import torch  # noqa: E402
+from peak_rss import PeakRSS, rss_bytes  # noqa: E402
 
 from vlm_config import JobConfig  # noqa: E402
 from vlm_parallel import apply_activation_checkpointing  # noqa: E402
 from vlm_strategies import build_vlm, causal_lm_loss  # noqa: E402
 
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 MODES = ("none", "selective", "full")
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
-
-
-class PeakRSS:
-    """Samples the resident set size in a background thread."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(0.0002)
-
-    def __enter__(self) -> PeakRSS:
-        self.peak = rss_bytes()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
 
 
 def job_config(args: argparse.Namespace) -> JobConfig:
@@ -134,7 +104,7 @@ def main() -> None:
             gc.collect()
             base = rss_bytes()
             start = time.perf_counter()
-            with PeakRSS() as peak:
+            with PeakRSS(0.0002) as peak:
                 logits, labels = model(pixels, ids, labels=ids)
                 loss = causal_lm_loss(logits, labels)
                 fwd = rss_bytes() - base

@@ -19,43 +19,12 @@ import argparse
 import gc
 import os
 import statistics
-import threading
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
-
-
-class PeakRSS:
-    """Samples the resident set size every ~0.5 ms in a background thread."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(0.0005)
-
-    def __enter__(self) -> PeakRSS:
-        self.peak = rss_bytes()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
+from peak_rss import PeakRSS, rss_bytes
 
 
 def main() -> None:

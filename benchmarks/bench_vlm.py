@@ -92,7 +92,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -100,9 +99,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peak_rss import PeakRSS, rss_bytes
 from torch import Tensor, nn
 
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 # shared size
@@ -122,33 +121,6 @@ MOMA_EXPERTS = 8
 
 
 # --------------------------------------------------------------------------- memory
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
-
-
-class PeakRSS:
-    """Samples the resident set size every ~0.5 ms in a background thread."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(0.0005)
-
-    def __enter__(self) -> PeakRSS:
-        self.peak = rss_bytes()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
 
 
 def load_average() -> str:
