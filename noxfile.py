@@ -58,8 +58,14 @@ def install(session: nox.Session, *args: str) -> None:
 
 
 def install_packages(session: nox.Session, names: list[str], extra: str | None = None) -> None:
+    """Install local packages (with their ``test`` extra and ``extra``), dependencies
+    listed first: the pip bundled with Python 3.11 resolves a local requirement only
+    when its path comes before the packages requiring it."""
+    ordered: list[str] = []
+    for name in names:
+        ordered += [dep for dep in local_closure(name) if dep in names and dep not in ordered]
     specs = []
-    for pkg in names:
+    for pkg in ordered:
         path = str(PACKAGES[pkg])
         optional = _project(PACKAGES[pkg]).get("optional-dependencies", {})
         extras = [e for e in ("test", extra) if e and e in optional]
