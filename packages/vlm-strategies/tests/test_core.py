@@ -230,3 +230,26 @@ def test_core_names_no_arch() -> None:
         if ARCH_NAMES.search(line)
     ]
     assert offenders == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "arch",
+    [
+        {"arch": "joint_decoder"},
+        {"arch": "moma", "experts_per_modality": 2},
+    ],
+    ids=lambda a: a["arch"],
+)
+def test_whole_vlm_compiles_without_graph_breaks(arch: dict[str, object]) -> None:
+    """``fullgraph=True`` fails on any graph break; aot_eager traces forward and backward
+    (cross_attention and mot compile with inductor in their own test files)."""
+    torch.manual_seed(0)
+    model = build_vlm(tiny_job(arch))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    pixels, ids = batch()
+    logits, _ = compiled(pixels, ids)
+    eager, _ = model(pixels, ids)
+    torch.testing.assert_close(logits, eager, atol=1e-5, rtol=1e-5)
+    causal_lm_loss(logits, ids).backward()
+    assert all(p.grad is not None for p in model.transformer.embed.parameters())
