@@ -118,6 +118,12 @@ def _main(argv: list[str]) -> None:
     from vlm_parallel import destroy_distributed
 
     destroy_distributed()
+    # Skip interpreter teardown: under heavy load a gloo background thread still alive
+    # at static destruction was seen to abort one rank ("terminate called without an
+    # active exception") after its result had been written and the group destroyed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ----------------------------------------------------------------------- helpers
