@@ -179,7 +179,12 @@ def plugin(session: nox.Session) -> None:
         row = next((line for line in str(table).splitlines() if f" {name} " in line), "")
         if "vlm-plugin-resampler" not in row or "loaded" not in row:
             session.error(f"`vlm plugins` does not list {name} from vlm-plugin-resampler")
-    overrides = ["adapter.type=perceiver_resampler", "arch.arch=gated_cross_attention"]
+    # the adapter table is replaced whole (the digits config's avgpool `window` would be
+    # an unknown field of the resampler); the arch keeps its max_text_len
+    overrides = [
+        "adapter={type = 'perceiver_resampler', num_latents = 16, num_heads = 4}",
+        "arch.arch=gated_cross_attention",
+    ]
     config = str(ROOT / "examples" / "digits" / "joint_decoder.toml")
     session.run("vlm", "validate", config, *overrides)
     out = Path(session.create_tmp()) / "plugin-run"
@@ -188,8 +193,8 @@ def plugin(session: nox.Session) -> None:
         "train",
         config,
         *overrides,
-        "train.steps=60",
-        "train.log_every=10",
+        "train.steps=300",
+        "train.log_every=50",
         f"train.output_dir={out}",
         env={"OMP_NUM_THREADS": "2"},
     )

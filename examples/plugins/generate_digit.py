@@ -25,7 +25,7 @@ def main(run_dir: str, count: int = 3) -> int:
             png = Path(tmp) / f"digit_{n}.png"
             image.save(png)
             out = subprocess.run(
-                ["vlm", "generate", run_dir, "--image", str(png)],
+                [sys.executable, "-m", "vlm_config.cli", "generate", run_dir, "--image", str(png)],
                 capture_output=True,
                 text=True,
                 check=True,
