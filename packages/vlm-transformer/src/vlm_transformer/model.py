@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from vlm_config import ModelConfig
 from vlm_transformer.cache import KVCache
 from vlm_transformer.context import ModalityContext
-from vlm_transformer.masks import AttentionMask, build_attention_mask
+from vlm_transformer.masks import build_attention_mask
 from vlm_transformer.rotary import RotaryEmbedding
 from vlm_transformer.trunk import DenseTrunk, Trunk, TrunkInputs
 
@@ -153,35 +153,23 @@ class Transformer(nn.Module):
         bidir = ctx is not None and ctx.prefix_bidirectional
         if cache is not None:
             step = cache.begin_step(batch, total, device, key_valid)
-            pos = step.positions if positions is None else positions
-            mask = build_attention_mask(
-                q_len=total,
-                kv_len=step.past_len + total,
-                device=device,
-                key_valid=step.key_valid,
-                prefix_len=prefix_len,
-                prefix_bidirectional=bidir,
-            )
-            past_len = step.past_len
+            past_len, all_keys_valid, default_pos = step.past_len, step.key_valid, step.positions
         else:
-            if positions is not None:
-                pos = positions
-            elif key_valid is not None:
-                pos = (key_valid.long().cumsum(dim=1) - 1).clamp_min(0)
+            past_len, all_keys_valid = 0, key_valid
+            if key_valid is not None:
+                default_pos = (key_valid.long().cumsum(dim=1) - 1).clamp_min(0)
             else:
-                pos = torch.arange(total, device=device)[None, :]
-            if key_valid is None and not bidir:
-                mask = AttentionMask.causal()
-            else:
-                mask = build_attention_mask(
-                    q_len=total,
-                    kv_len=total,
-                    device=device,
-                    key_valid=key_valid,
-                    prefix_len=prefix_len,
-                    prefix_bidirectional=bidir,
-                )
-            past_len = 0
+                default_pos = torch.arange(total, device=device)[None, :]
+        pos = default_pos if positions is None else positions
+        # Nothing masked and no cache: build_attention_mask returns the is_causal fast path.
+        mask = build_attention_mask(
+            q_len=total,
+            kv_len=past_len + total,
+            device=device,
+            key_valid=all_keys_valid,
+            prefix_len=prefix_len,
+            prefix_bidirectional=bidir,
+        )
         cos, sin = self.rotary(pos)
         state = TrunkInputs(
             cos=cos,

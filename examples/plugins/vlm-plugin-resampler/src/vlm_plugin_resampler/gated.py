@@ -158,4 +158,4 @@ class GatedCrossAttention(ArchImplementation):
     def decode_context(
         self, image_embeds: Tensor, image_valid: Tensor | None, new_ids: Tensor, cache: KVCache
     ) -> ModalityContext:
-        return ModalityContext(image_features=image_embeds, image_mask=image_valid)
+        return self.context(image_embeds, image_valid, new_ids)

@@ -220,4 +220,4 @@ class CrossAttention(ArchImplementation):
     ) -> ModalityContext | None:
         # The blocks reuse the image K/V cached at prefill; the features ride along so a
         # block whose cache entry is missing still computes the right thing.
-        return ModalityContext(image_features=image_embeds, image_mask=image_valid)
+        return self.context(image_embeds, image_valid, new_ids)
