@@ -235,12 +235,12 @@ class VLMWrapper(nn.Module):
             )
         context = self.strategy.prepare(self, pixel_values, input_ids, frame_mask)
         targets = shift_labels(labels).flatten()
-        weight = self.transformer.output_weight
 
         def head(hidden: Tensor) -> Tensor:
+            # read inside the decoder's forward: FSDP2 unshards the weight in its pre-hook
             return linear_cross_entropy(
                 hidden.flatten(0, 1),
-                weight,
+                self.transformer.output_weight,
                 targets,
                 ignore_index=IGNORE_INDEX,
                 chunk_size=chunk_size,
