@@ -10,6 +10,7 @@ class in-process with :meth:`PluginRegistry.register`.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata as md
 import threading
 from dataclasses import dataclass, field
@@ -84,7 +85,7 @@ class PluginRegistry:
         """Forget what was discovered and loaded (call after installing plugins)."""
         with self._lock:
             self._entries = None
-            importlib_invalidate()
+            importlib.invalidate_caches()
             self.generation += 1
 
     def _discover(self) -> dict[str, dict[str, PluginEntry]]:
@@ -236,12 +237,6 @@ class PluginRegistry:
             self._in_process[group].pop(name, None)
             self._entries = None
             self.generation += 1
-
-
-def importlib_invalidate() -> None:
-    import importlib
-
-    importlib.invalidate_caches()
 
 
 _default = PluginRegistry()
