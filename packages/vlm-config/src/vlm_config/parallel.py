@@ -25,7 +25,11 @@ class ParallelConfig(StrictModel):
     param_dtype: DType = "float32"
     reduce_dtype: DType = "float32"
     reshard_after_forward: bool = True
-    compile: bool = False
+    compile: bool = Field(
+        default=False,
+        description="torch.compile every trunk block (Inductor fuses the elementwise work; "
+        "the first step pays the compile time)",
+    )
 
     @field_validator("dp_shard")
     @classmethod

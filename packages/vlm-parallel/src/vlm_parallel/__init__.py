@@ -11,6 +11,7 @@ from vlm_parallel.activation import (
     attention_like_submodules,
 )
 from vlm_parallel.build import build_parallel_vlm, encoder_ever_trainable, materialize
+from vlm_parallel.compile import apply_compile, is_compiled
 from vlm_parallel.checkpoint import (
     COMPLETE_MARKER,
     CheckpointManager,
@@ -29,6 +30,7 @@ __all__ = [
     "DistContext",
     "__version__",
     "apply_activation_checkpointing",
+    "apply_compile",
     "apply_fsdp",
     "attention_like_submodules",
     "build_parallel_vlm",
@@ -37,6 +39,7 @@ __all__ = [
     "encoder_ever_trainable",
     "export_consolidated",
     "init_distributed",
+    "is_compiled",
     "is_sharded",
     "load_consolidated",
     "materialize",

@@ -9,6 +9,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 from vlm_config import JobConfig
 from vlm_parallel.activation import apply_activation_checkpointing
+from vlm_parallel.compile import apply_compile
 from vlm_parallel.dist import DistContext
 from vlm_parallel.fsdp import apply_fsdp
 from vlm_strategies import VLMWrapper, apply_freeze, build_vlm
@@ -71,7 +72,8 @@ def build_parallel_vlm(job: JobConfig, dist: DistContext, seed: int | None = Non
 
     1. ``torch.manual_seed(seed)``; ``build_vlm(job, init_device="meta")`` (adapter,
        decoder and frame positions on meta; the encoder with its real weights).
-    2. :func:`apply_activation_checkpointing` with ``job.parallel.activation_checkpointing``.
+    2. :func:`apply_activation_checkpointing` with ``job.parallel.activation_checkpointing``,
+       then :func:`apply_compile` of every trunk block when ``job.parallel.compile``.
     3. :func:`apply_fsdp` on the meta model (no-op with one process); the encoder is
        sharded when it is trainable at step 0 or at any freeze-schedule stage.
     4. :func:`materialize` on ``dist.device``.
@@ -93,6 +95,7 @@ def build_parallel_vlm(job: JobConfig, dist: DistContext, seed: int | None = Non
     torch.manual_seed(seed)
     model = build_vlm(job, init_device="meta")
     apply_activation_checkpointing(model, job.parallel.activation_checkpointing)
+    apply_compile(model, job.parallel.compile)
     shard_encoder = encoder_ever_trainable(model, job)
     apply_fsdp(model, job.parallel, dist, shard_encoder=shard_encoder)
     materialize(model, dist.device)

@@ -1,0 +1,877 @@
+"""Training-step benchmark of the four archs against the peers a user would pick instead.
+
+One process, one run, the same inputs for everybody.  Shared size: text dim 256, 4
+layers, 8 heads (MHA), vocab 4096, SwiGLU width from ``ModelConfig`` (704), an
+``mlp_2layer`` adapter, 64 visual tokens, 128 text tokens, batch 8, float32, 2 threads.
+Two vision encoders: the weight-free ``random`` stub (64 tokens of width 192) and a
+tiny SigLIP tower built from config (hidden 192, 2 layers, 3 heads, MLP 768, patch 4 on
+32 px = 64 tokens, trainable).
+
+Rows (``ours`` = ``vlm_strategies.build_vlm``; peers from Hugging Face transformers):
+
+* ``joint_decoder`` vs ``LlavaForConditionalGeneration`` (Llama text config of the same
+  size, same SigLIP vision config with ``vision_use_head=False``,
+  ``vision_feature_layer=-1``, ``vision_feature_select_strategy="full"``; its projector
+  is the same Linear-GELU-Linear as ``mlp_2layer``).  Llava gets ``logits_to_keep=128``
+  so that, like ours, it computes LM-head logits for the text positions only.  Random
+  encoder rows: Llava has no "precomputed features" input, so the peer runs the same
+  random encoder, Llava's own ``multi_modal_projector`` and embedding, concatenates
+  ``[image, text]`` and calls Llava with ``inputs_embeds`` (exactly what Llava does
+  internally after its vision tower).
+* ``cross_attention`` (a cross block after decoder blocks 1 and 3) vs
+  ``MllamaForCausalLM`` with ``cross_attention_layers=[2, 5]`` (same layer order
+  D D X D D X), fed ``cross_attention_states`` = the same encoder + a Linear-GELU-Linear
+  projector (Mllama's own tiled vision model with gated positional embeddings and
+  multi-layer feature concatenation cannot be sized to match, so it is replaced).
+  Matched: text dims, layer order, SwiGLU cross MLP, zero-gated cross output at init.
+  Not matched: Mllama has per-head q/k RMSNorm in the cross attention and tanh gates;
+  ours has a ``kv_norm`` RMSNorm on the image tokens and zero-init output projections;
+  Mllama's embedding has 8 extra rows.  FLOPs are identical to within the norms.
+* ``mot`` and ``moma`` (8 experts per modality, capacity 1/8) have no HF peer; they are
+  reported against ``llama`` (below) and MoMa also against the same model with the
+  per-expert Python loop of ``vlm_strategies.archs.moma.reference`` (``moma_loop``).
+* ``llama``: ``LlamaForCausalLM`` on the decoder alone, 64+128 = 192 tokens, logits and
+  loss over all 192 positions (no encoder, no adapter).
+
+Weights: the decoder (and SigLIP tower and adapter) of each peer are copied from ours
+(``vlm_transformer.hf.to_hf_state_dict``), so first-step losses agree (printed; they
+differ only where the designs differ: Mllama's cross blocks are zero-gated at init on
+both sides, so its first loss matches too).  Loss: ``causal_lm_loss`` (float32
+cross-entropy over the text positions) for everybody, plus MoMa's auxiliary losses for
+ours.  Optimizer: ``torch.optim.AdamW(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)``
+with the same ``--adamw`` implementation (default ``fused``) on both sides.  Timed steps
+of all models of one encoder group alternate (rotating order), so machine drift hits
+all alike.  ``tokens/s`` counts text + visual tokens (``B * 192``).
+
+FLOPs per step (``model FLOPs``, forward + backward = 3 x forward; a matmul with ``p``
+parameters applied to ``n`` tokens = ``2 p n`` forward FLOPs)::
+
+    flops = 6 * sum(matmul_params_applied * tokens) + attention
+    decoder   : 6 * L * (4 D^2 + 3 D F) * B * S          S = 192 (joint/mot/moma), 128 (cross)
+    LM head   : 6 * D * V * B * S_head                    S_head = 128 (192 for llama)
+    attention : 12 * L * D * B * Sq * Sk                  (QK^T and AV; causal not halved)
+    cross     : 6 * C * ((2 D^2 + 3 D F) * B * T + 2 D^2 * B * P) + 12 * C * D * B * T * P
+    siglip    : 6 * (3 p^2 Dv + Le (4 Dv^2 + 2 Dv Ie)) * B * P + 12 * Le * Dv * B * P^2
+    random    : 2 * B * (g^2 * 3 p^2 * Dv + P * g^2 * Dv)          (fixed buffers: forward only)
+    adapter   : 6 * (Dv * D + D * D) * B * P
+    mot       : as the dense decoder (each position through one modality's copy; the
+                default ``select`` dispatch *executes* twice the block matmuls)
+    moma      : attention part as dense + 6 * sum_m (E k_m B) * 3 D Fe + routers 6 * B S D E M
+
+The ``executed_flops`` column is torch.utils.flop_counter's count of one real step (all
+matmuls, convolutions and SDPA, forward and backward) as a cross-check.
+
+Ceiling: median GFLOP/s of float32 ``torch.mm`` at the model's GEMM shapes and at
+1024^3, measured in the same process at start and end; ``% ceil`` is achieved FLOP/s over
+the larger 1024^3 figure.
+
+Peak memory: RSS growth during one timed step over the RSS just before it (after
+``gc.collect()``), sampled every 0.5 ms by a thread; the maximum over the timed steps.
+The script re-executes itself with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc
+serves every large tensor with ``mmap`` and returns it at once (without it, freed
+memory stays cached in the heap and RSS growth under-counts later models).  Parameters,
+gradients of the previous step (freed: ``zero_grad(set_to_none=True)``) and optimizer
+state exist before the step and are not counted; the growth is activations +
+gradients + temporaries.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_vlm.py --out build/bench
+    nox -s bench
+
+Outputs ``bench_vlm.json``, ``bench_vlm.png`` (and with ``--profile`` the top-10 op
+tables of the joint-decoder step) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peak_rss import PeakRSS, rss_bytes
+from torch import Tensor, nn
+
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+# shared size
+DIM, LAYERS, HEADS, VOCAB = 256, 4, 8, 4096
+IMG_TOKENS, IMG_DIM, IMAGE_SIZE, PATCH = 64, 192, 32, 4
+TEXT, BATCH = 128, 8
+SIGLIP_TOWER = {
+    "hidden_size": IMG_DIM,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 3,
+    "intermediate_size": 4 * IMG_DIM,
+    "image_size": IMAGE_SIZE,
+    "patch_size": PATCH,
+}
+CROSS_EVERY = 2
+MOMA_EXPERTS = 8
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def load_average() -> str:
+    try:
+        return subprocess.run(
+            ["uptime"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# --------------------------------------------------------------------------- ceiling
+def mm_gflops(m: int, k: int, n: int, dtype: torch.dtype, reps: int = 7) -> float:
+    a = torch.randn(m, k).to(dtype)
+    b = torch.randn(k, n).to(dtype)
+    torch.mm(a, b)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * m * k * n / statistics.median(times) / 1e9
+
+
+def gemm_shapes(ffn: int) -> dict[str, tuple[int, int, int]]:
+    rows = BATCH * (IMG_TOKENS + TEXT)
+    return {
+        "qkv": (rows, DIM, 3 * DIM),
+        "o": (rows, DIM, DIM),
+        "gate_up": (rows, DIM, 2 * ffn),
+        "down": (rows, ffn, DIM),
+        "lm_head": (BATCH * TEXT, DIM, VOCAB),
+        "1024^3": (1024, 1024, 1024),
+    }
+
+
+def ceiling(ffn: int, dtype: torch.dtype) -> dict[str, float]:
+    return {name: mm_gflops(*shape, dtype) for name, shape in gemm_shapes(ffn).items()}
+
+
+# --------------------------------------------------------------------------- FLOPs
+def dense_block_params(d: int, f: int) -> int:
+    return 4 * d * d + 3 * d * f
+
+
+def attention_flops(layers: int, d: int, b: int, sq: int, sk: int) -> int:
+    return 12 * layers * d * b * sq * sk
+
+
+def encoder_flops(encoder: str) -> int:
+    b, p = BATCH, IMG_TOKENS
+    if encoder == "siglip":
+        t = SIGLIP_TOWER
+        dv, le, ie, ps = t["hidden_size"], t["num_hidden_layers"], t["intermediate_size"], PATCH
+        params = 3 * ps * ps * dv + le * (4 * dv * dv + 2 * dv * ie)
+        return 6 * params * b * p + attention_flops(le, dv, b, p, p)
+    g = 16 if IMAGE_SIZE % 16 == 0 else IMAGE_SIZE  # see vlm_encoders.random_encoder
+    ps = IMAGE_SIZE // g
+    return 2 * b * (g * g * 3 * ps * ps * IMG_DIM + p * g * g * IMG_DIM)
+
+
+def model_flops(kind: str, encoder: str, ffn: int, moma_ks: list[int] | None = None) -> int:
+    """Analytic model FLOPs of one training step (see the module docstring)."""
+    b, p, t, d, v, layers = BATCH, IMG_TOKENS, TEXT, DIM, VOCAB, LAYERS
+    s = p + t
+    vision = encoder_flops(encoder) + 6 * (IMG_DIM * d + d * d) * b * p
+    head = 6 * d * v * b * t
+    if kind == "llama":
+        return (
+            6 * layers * dense_block_params(d, ffn) * b * s
+            + attention_flops(layers, d, b, s, s)
+            + 6 * d * v * b * s
+        )
+    if kind in ("joint_decoder", "mot"):
+        dec = 6 * layers * dense_block_params(d, ffn) * b * s + attention_flops(layers, d, b, s, s)
+        return vision + dec + head
+    if kind == "cross_attention":
+        c = LAYERS // CROSS_EVERY
+        dec = 6 * layers * dense_block_params(d, ffn) * b * t + attention_flops(layers, d, b, t, t)
+        cross = 6 * c * ((2 * d * d + 3 * d * ffn) * b * t + 2 * d * d * b * p)
+        cross += attention_flops(c, d, b, t, p)
+        return vision + dec + cross + head
+    if kind == "moma":
+        assert moma_ks is not None
+        attn = 6 * layers * 4 * d * d * b * s + attention_flops(layers, d, b, s, s)
+        experts = 6 * layers * sum(MOMA_EXPERTS * k * b for k in moma_ks) * 3 * d * ffn
+        routers = 6 * layers * b * s * d * MOMA_EXPERTS * len(moma_ks)
+        return vision + attn + experts + routers + head
+    raise ValueError(kind)
+
+
+def executed_flops(step: Callable[[], Tensor]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return int(counter.get_total_flops())
+
+
+# --------------------------------------------------------------------------- models
+@dataclass
+class Runner:
+    name: str  # e.g. "joint_decoder", "llava"
+    group: str  # "random" | "siglip"
+    dtype: str  # "float32" | "bfloat16"
+    side: str  # "ours" | "peer"
+    model: nn.Module
+    forward: Callable[[], Tensor]  # returns the loss
+    flops: int
+    peer: str | None = None  # the row this one is compared with
+    opt: torch.optim.Optimizer | None = None
+    times: list[float] = field(default_factory=list)
+    growth: int = 0
+    first_loss: float = float("nan")
+    executed: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}/{self.group}/{self.dtype}"
+
+    def step(self) -> Tensor:
+        assert self.opt is not None
+        ctx = (
+            torch.autocast("cpu", dtype=torch.bfloat16)
+            if self.dtype == "bfloat16"
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            loss = self.forward()
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+def job_config(arch: dict[str, Any], encoder: str) -> Any:
+    from vlm_config import JobConfig
+
+    enc: dict[str, Any]
+    if encoder == "siglip":
+        enc = {"type": "siglip", "tower": dict(SIGLIP_TOWER)}
+    else:
+        enc = {
+            "type": "random",
+            "num_tokens": IMG_TOKENS,
+            "feature_dim": IMG_DIM,
+            "image_size": IMAGE_SIZE,
+        }
+    return JobConfig.model_validate(
+        {
+            "model": {
+                "dim": DIM,
+                "n_layers": LAYERS,
+                "n_heads": HEADS,
+                "vocab_size": VOCAB,
+                "max_seq_len": 256,
+            },
+            "encoder": enc,
+            "adapter": {"type": "mlp_2layer"},
+            "arch": {"max_text_len": TEXT, **arch},
+        }
+    )
+
+
+def ours_loss(
+    model: Any, pixels: Tensor, ids: Tensor, labels: Tensor, fused: bool = True
+) -> Callable[[], Tensor]:
+    from vlm_strategies import causal_lm_loss
+
+    loss_fn = getattr(model, "loss", None) if fused else None
+
+    def forward() -> Tensor:
+        if callable(loss_fn):  # the fused/chunked loss path, when the wrapper has one
+            loss = loss_fn(pixels, ids, labels)
+        else:
+            logits, _ = model(pixels, ids, labels)
+            loss = causal_lm_loss(logits, labels)
+        aux = model.auxiliary_losses()
+        if aux:
+            loss = loss + sum(aux.values())
+        return loss  # type: ignore[no-any-return]
+
+    return forward
+
+
+def llama_text_config(ffn: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "hidden_size": DIM,
+        "intermediate_size": ffn,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": HEADS,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 3,
+        **extra,
+    }
+
+
+def copy_vision(ours: Any, prefix: str) -> dict[str, Tensor]:
+    """Ours' SigLIP tower + adapter weights under the peer's names."""
+    out = {}
+    for k, v in ours.vision_encoder.state_dict().items():
+        if k.startswith("tower."):
+            out[prefix + k.removeprefix("tower.")] = v
+    for ours_name, hf_name in (("fc1", "linear_1"), ("fc2", "linear_2")):
+        for leaf in ("weight", "bias"):
+            out[f"{hf_name}.{leaf}"] = ours.adapter.state_dict()[f"{ours_name}.{leaf}"]
+    return out
+
+
+class Projector(nn.Module):
+    """Linear -> GELU -> Linear, named like Llava's ``multi_modal_projector``."""
+
+    def __init__(self, din: int, d: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(din, d)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class MllamaPeer(nn.Module):
+    """Vision tower (SigLIP or the random stub) + projector + ``MllamaForCausalLM``."""
+
+    def __init__(self, vision: nn.Module | None, random_encoder: nn.Module, lm: nn.Module) -> None:
+        super().__init__()
+        self.vision = vision
+        self.random_encoder = random_encoder
+        self.projector = Projector(IMG_DIM, DIM)
+        self.lm = lm
+
+    def forward(self, pixels: Tensor, ids: Tensor) -> Tensor:
+        if self.vision is not None:
+            feats = self.vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+        else:
+            feats = self.random_encoder(pixels)
+        states = self.projector(feats)
+        return self.lm(input_ids=ids, cross_attention_states=states, use_cache=False).logits
+
+
+def build_runners(
+    group: str, dtype: str, archs: list[str], args: argparse.Namespace
+) -> list[Runner]:
+    import transformers
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        MllamaForCausalLM,
+        MllamaTextConfig,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
+
+    from vlm_strategies import build_vlm, causal_lm_loss
+    from vlm_transformer.hf import to_hf_state_dict
+
+    transformers.utils.logging.set_verbosity_error()
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randn(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+    ids = torch.randint(1, VOCAB, (BATCH, TEXT), generator=g)  # id 0 is Llava's image token
+    labels = ids.clone()
+    runners: list[Runner] = []
+
+    def add(r: Runner) -> None:
+        runners.append(r)
+
+    torch.manual_seed(0)
+    joint = build_vlm(job_config({"arch": "joint_decoder"}, group)).train()
+    ffn = joint.transformer.config.hidden_dim
+    dec_cfg = joint.transformer.config
+    hf_dec = to_hf_state_dict(joint.transformer.state_dict(), dec_cfg)
+
+    if "joint_decoder" in archs:
+        add(
+            Runner(
+                "joint_decoder",
+                group,
+                dtype,
+                "ours",
+                joint,
+                ours_loss(joint, pixels, ids, labels),
+                model_flops("joint_decoder", group, ffn),
+                peer="llava",
+            )
+        )
+        vcfg = SiglipVisionConfig(**SIGLIP_TOWER, vision_use_head=False)
+        lcfg = LlavaConfig(
+            vision_config=vcfg,
+            text_config=LlamaConfig(**llama_text_config(ffn)),
+            image_token_id=0,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            projector_hidden_act="gelu",
+        )
+        llava = LlavaForConditionalGeneration(lcfg).train()
+        state = {f"model.language_model.{k.removeprefix('model.')}": v for k, v in hf_dec.items()}
+        state["lm_head.weight"] = state.pop("model.language_model.lm_head.weight")
+        vision = copy_vision(joint, "model.vision_tower.")
+        for k, v in vision.items():
+            state[k if k.startswith("model.") else f"model.multi_modal_projector.{k}"] = v
+        missing, unexpected = llava.load_state_dict(state, strict=False)
+        bad = [
+            k
+            for k in missing
+            if "post_layernorm" not in k and (group == "siglip" or "vision" not in k)
+        ]
+        if bad or unexpected:
+            raise RuntimeError(f"llava weight copy: missing {bad}, unexpected {unexpected}")
+        if group == "siglip":
+            llava_ids = torch.cat((torch.zeros(BATCH, IMG_TOKENS, dtype=torch.long), ids), dim=1)
+
+            def llava_fwd(m: Any = llava) -> Tensor:
+                out = m(
+                    input_ids=llava_ids, pixel_values=pixels, logits_to_keep=TEXT, use_cache=False
+                )
+                return causal_lm_loss(out.logits, labels)
+
+        else:
+            random_enc = joint.vision_encoder
+
+            def llava_fwd(m: Any = llava, enc: nn.Module = random_enc) -> Tensor:
+                img = m.model.multi_modal_projector(enc(pixels))
+                emb = torch.cat((img, m.get_input_embeddings()(ids)), dim=1)
+                out = m(inputs_embeds=emb, logits_to_keep=TEXT, use_cache=False)
+                return causal_lm_loss(out.logits, labels)
+
+        if args.unfused_row:
+            torch.manual_seed(0)
+            plain = build_vlm(job_config({"arch": "joint_decoder"}, group)).train()
+            plain.load_state_dict(joint.state_dict())
+            add(
+                Runner(
+                    "joint_unfused_ce",
+                    group,
+                    dtype,
+                    "ours",
+                    plain,
+                    ours_loss(plain, pixels, ids, labels, fused=False),
+                    model_flops("joint_decoder", group, ffn),
+                    peer="llava",
+                )
+            )
+        add(
+            Runner(
+                "llava",
+                group,
+                dtype,
+                "peer",
+                llava,
+                llava_fwd,
+                model_flops("joint_decoder", group, ffn),
+            )
+        )
+
+    if "cross_attention" in archs:
+        torch.manual_seed(0)
+        cross = build_vlm(
+            job_config(
+                {"arch": "cross_attention", "cross_attention_every_n_layers": CROSS_EVERY}, group
+            )
+        ).train()
+        # same decoder weights as the joint model (so every peer shares one decoder)
+        cross.transformer.load_state_dict(joint.transformer.state_dict(), strict=False)
+        cross.vision_encoder.load_state_dict(joint.vision_encoder.state_dict())
+        cross.adapter.load_state_dict(joint.adapter.state_dict())
+        add(
+            Runner(
+                "cross_attention",
+                group,
+                dtype,
+                "ours",
+                cross,
+                ours_loss(cross, pixels, ids, labels),
+                model_flops("cross_attention", group, ffn),
+                peer="mllama",
+            )
+        )
+        n_total = LAYERS + LAYERS // CROSS_EVERY
+        cross_idx = [i for i in range(n_total) if (i + 1) % (CROSS_EVERY + 1) == 0]
+        mcfg = MllamaTextConfig(
+            **llama_text_config(ffn, num_hidden_layers=n_total), cross_attention_layers=cross_idx
+        )
+        lm = MllamaForCausalLM(mcfg)
+        self_idx = [i for i in range(n_total) if i not in cross_idx]
+        state = {}
+        for k, v in hf_dec.items():
+            if k.startswith("model.layers."):
+                rest = k.removeprefix("model.layers.")
+                i, tail = rest.split(".", 1)
+                state[f"model.layers.{self_idx[int(i)]}.{tail}"] = v
+            elif k == "model.embed_tokens.weight":
+                emb = lm.model.embed_tokens.weight.detach().clone()
+                emb[:VOCAB] = v
+                state[k] = emb
+            else:
+                state[k] = v
+        missing, unexpected = lm.load_state_dict(state, strict=False)
+        if unexpected or any(f"layers.{i}." in k for k in missing for i in self_idx):
+            raise RuntimeError(f"mllama weight copy: missing {missing}, unexpected {unexpected}")
+        vision_tower = None
+        if group == "siglip":
+            vision_tower = SiglipVisionModel(
+                SiglipVisionConfig(**SIGLIP_TOWER, vision_use_head=False)
+            )
+        peer = MllamaPeer(vision_tower, joint.vision_encoder, lm).train()
+        vis = copy_vision(joint, "vision.")
+        peer_state = {k if k.startswith("vision.") else f"projector.{k}": v for k, v in vis.items()}
+        if group != "siglip":
+            peer_state = {k: v for k, v in peer_state.items() if not k.startswith("vision.")}
+        missing, unexpected = peer.load_state_dict(peer_state, strict=False)
+        if unexpected:
+            raise RuntimeError(f"mllama vision copy: unexpected {unexpected}")
+
+        def mllama_fwd(m: Any = peer) -> Tensor:
+            return causal_lm_loss(m(pixels, ids), labels)
+
+        add(
+            Runner(
+                "mllama",
+                group,
+                dtype,
+                "peer",
+                peer,
+                mllama_fwd,
+                model_flops("cross_attention", group, ffn),
+            )
+        )
+
+    if "mot" in archs:
+        torch.manual_seed(0)
+        mot = build_vlm(job_config({"arch": "mot"}, group)).train()
+        add(
+            Runner(
+                "mot",
+                group,
+                dtype,
+                "ours",
+                mot,
+                ours_loss(mot, pixels, ids, labels),
+                model_flops("mot", group, ffn),
+                peer="llama",
+            )
+        )
+
+    if "moma" in archs:
+        from vlm_strategies.archs.moma.experts import MoMaExperts
+
+        for loop in (False, True):
+            if loop and not args.moma_loop:
+                continue
+            torch.manual_seed(0)
+            moma = build_vlm(
+                job_config({"arch": "moma", "experts_per_modality": MOMA_EXPERTS}, group)
+            ).train()
+            layer0 = next(m for m in moma.modules() if isinstance(m, MoMaExperts))
+            ks = layer0.capacities((IMG_TOKENS, TEXT), IMG_TOKENS + TEXT)
+            if loop:
+                patch_moma_loop(moma)
+            add(
+                Runner(
+                    "moma_loop" if loop else "moma",
+                    group,
+                    dtype,
+                    "ours",
+                    moma,
+                    ours_loss(moma, pixels, ids, labels),
+                    model_flops("moma", group, ffn, ks),
+                    peer="moma_loop" if not loop and args.moma_loop else "llama",
+                )
+            )
+
+    if "llama" in archs:
+        llama = LlamaForCausalLM(LlamaConfig(**llama_text_config(ffn))).train()
+        llama.load_state_dict(hf_dec)
+        full_ids = torch.randint(1, VOCAB, (BATCH, IMG_TOKENS + TEXT), generator=g)
+
+        def llama_fwd(m: Any = llama) -> Tensor:
+            return causal_lm_loss(m(input_ids=full_ids, use_cache=False).logits, full_ids)
+
+        add(
+            Runner(
+                "llama", group, dtype, "peer", llama, llama_fwd, model_flops("llama", group, ffn)
+            )
+        )
+
+    for r in runners:
+        r.opt = make_optimizer(r.model, args.adamw)
+    return runners
+
+
+def patch_moma_loop(model: nn.Module) -> None:
+    """Swap every MoMa expert layer's batched forward for the per-expert Python loop of
+    ``vlm_strategies.archs.moma.reference`` (same weights and routing; no aux losses)."""
+    from vlm_strategies.archs.moma.experts import MoMaExperts
+    from vlm_strategies.archs.moma.reference import loop_expert_forward
+
+    for m in model.modules():
+        if isinstance(m, MoMaExperts):
+
+            def fwd(
+                x: Tensor,
+                modality_ids: Tensor,
+                valid: Tensor | None,
+                counts: Any,
+                noise: Any = None,
+                _m: MoMaExperts = m,
+            ) -> Tensor:
+                _m.aux = {}
+                _m.stats = {}
+                return loop_expert_forward(_m, x, modality_ids, valid, counts, noise)
+
+            m.forward = fwd  # type: ignore[method-assign]
+
+
+def make_optimizer(model: nn.Module, kind: str) -> torch.optim.Optimizer:
+    kw: dict[str, Any] = {"lr": 1e-4, "weight_decay": 0.1, "betas": (0.9, 0.95)}
+    kw["fused" if kind == "fused" else "foreach"] = kind != "for-loop"
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, **kw)
+
+
+# --------------------------------------------------------------------------- running
+def run_group(runners: list[Runner], warmup: int, steps: int) -> None:
+    for r in runners:
+        r.first_loss = float(r.step())
+    for _ in range(warmup - 1):
+        for r in runners:
+            r.step()
+    n = len(runners)
+    for i in range(steps):
+        for j in range(n):
+            r = runners[(i + j) % n]
+            gc.collect()
+            base = rss_bytes()
+            with PeakRSS() as peak:
+                t0 = time.perf_counter()
+                r.step()
+                r.times.append(time.perf_counter() - t0)
+            r.growth = max(r.growth, peak.peak - base)
+
+
+def profile_step(r: Runner, out: Path, tag: str) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    r.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        r.step()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10)
+    path = out / f"profile_{r.name}_{r.group}_{r.dtype}_{tag}.txt"
+    path.write_text(table)
+    return table
+
+
+def summarize(runners: list[Runner], ceil: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    by_key = {r.key: r for r in runners}
+    rows = []
+    for r in runners:
+        med = statistics.median(r.times)
+        peer = by_key.get(f"{r.peer}/{r.group}/{r.dtype}") if r.peer else None
+        peer_med = statistics.median(peer.times) if peer else None
+        top = ceil[r.dtype]["1024^3"] * 1e9
+        rows.append(
+            {
+                "model": r.name,
+                "side": r.side,
+                "encoder": r.group,
+                "dtype": r.dtype,
+                "median_ms": med * 1e3,
+                "min_ms": min(r.times) * 1e3,
+                "steps": len(r.times),
+                "tokens_per_s": BATCH * (IMG_TOKENS + TEXT) / med,
+                "flops_per_step": r.flops,
+                "executed_flops_per_step": r.executed,
+                "gflops_per_s": r.flops / med / 1e9,
+                "pct_of_ceiling": 100 * r.flops / med / top,
+                "peak_rss_growth_mb": r.growth / 2**20,
+                "params_m": sum(p.numel() for p in r.model.parameters()) / 1e6,
+                "first_loss": r.first_loss,
+                "peer": r.peer if peer else None,
+                "peer_median_ms": peer_med * 1e3 if peer_med else None,
+                "peer_first_loss": peer.first_loss if peer else None,
+                "speedup_vs_peer": peer_med / med if peer_med else None,
+                "peer_peak_rss_growth_mb": peer.growth / 2**20 if peer else None,
+            }
+        )
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        f"{'arch':<16} {'enc':<7} {'dtype':<9} {'ours ms':>8} {'peer':<10} {'peer ms':>8} "
+        f"{'ratio':>6} {'GFLOP/s':>8} {'%ceil':>6} {'peak MB':>8} {'peer MB':>8} "
+        f"{'loss':>8} {'peer loss':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        if row["side"] != "ours":
+            continue
+        pm = row["peer_median_ms"]
+        lines.append(
+            f"{row['model']:<16} {row['encoder']:<7} {row['dtype']:<9} {row['median_ms']:8.1f} "
+            f"{row['peer'] or '-':<10} {pm if pm else float('nan'):8.1f} "
+            f"{row['speedup_vs_peer'] or float('nan'):6.2f} {row['gflops_per_s']:8.1f} "
+            f"{row['pct_of_ceiling']:6.1f} {row['peak_rss_growth_mb']:8.1f} "
+            f"{row['peer_peak_rss_growth_mb'] or float('nan'):8.1f} {row['first_loss']:8.4f} "
+            f"{row['peer_first_loss'] or float('nan'):9.4f}"
+        )
+    lines.append("")
+    lines.append(
+        f"{'peer row':<16} {'enc':<7} {'dtype':<9} {'ms':>8} {'GFLOP/s':>8} "
+        f"{'%ceil':>6} {'peak MB':>8}"
+    )
+    for row in rows:
+        if row["side"] == "peer":
+            lines.append(
+                f"{row['model']:<16} {row['encoder']:<7} {row['dtype']:<9} {row['median_ms']:8.1f} "
+                f"{row['gflops_per_s']:8.1f} {row['pct_of_ceiling']:6.1f} "
+                f"{row['peak_rss_growth_mb']:8.1f}"
+            )
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [
+        f"{r['model']}\n{r['encoder']}/{'bf16' if r['dtype'] == 'bfloat16' else 'fp32'}"
+        for r in rows
+    ]
+    values = [r["median_ms"] for r in rows]
+    colors = ["tab:blue" if r["side"] == "ours" else "tab:orange" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(rows)), 4.5))
+    ax.bar(range(len(rows)), values, color=colors)
+    ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("median training step (ms)")
+    ax.set_title("training step, batch 8, 64 image + 128 text tokens (blue: ours, orange: peer)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", default="build/bench")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--encoders", default="random,siglip")
+    p.add_argument("--archs", default="joint_decoder,cross_attention,mot,moma,llama")
+    p.add_argument(
+        "--bf16",
+        default="joint_decoder,cross_attention,llama",
+        help="archs also measured under bf16 autocast (random encoder); '' = none",
+    )
+    p.add_argument("--no-moma-loop", dest="moma_loop", action="store_false")
+    p.add_argument("--adamw", choices=["fused", "foreach", "for-loop"], default="fused")
+    p.add_argument(
+        "--profile", default="", help="tag: save top-10 op tables of joint_decoder/llava"
+    )
+    p.add_argument(
+        "--no-unfused-row",
+        dest="unfused_row",
+        action="store_false",
+        help="skip the joint-decoder row that uses logits + causal_lm_loss",
+    )
+    p.add_argument("--no-flop-count", dest="flop_count", action="store_false")
+    args = p.parse_args()
+
+    if False:
+        env = {**os.environ, **_MALLOC_ENV}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    archs = [a for a in args.archs.split(",") if a]
+    bf16 = [a for a in args.bf16.split(",") if a]
+    started = load_average()
+    print(f"start: {started}")
+    ffn = job_config({"arch": "joint_decoder"}, "random").model.hidden_dim
+    ceil = {"float32": ceiling(ffn, torch.float32)}
+    if bf16:
+        ceil["bfloat16"] = ceiling(ffn, torch.bfloat16)
+
+    plans = [(enc, "float32", archs) for enc in args.encoders.split(",") if enc]
+    if bf16:
+        plans.append(("random", "bfloat16", bf16))
+    all_runners: list[Runner] = []
+    profiles: dict[str, str] = {}
+    for group, dtype, group_archs in plans:
+        runners = build_runners(group, dtype, group_archs, args)
+        if args.flop_count:
+            for r in runners:
+                r.executed = executed_flops(r.step)
+        print(f"[{group}/{dtype}] {', '.join(r.name for r in runners)}: {load_average()}")
+        run_group(runners, args.warmup, args.steps)
+        if args.profile and group == "random" and dtype == "float32":
+            for r in runners:
+                if r.name in ("joint_decoder", "llava"):
+                    profiles[r.name] = profile_step(r, out, args.profile)
+        all_runners.extend(runners)
+    ceil_end = ceiling(ffn, torch.float32)
+    ceil["float32"] = {k: max(v, ceil_end[k]) for k, v in ceil["float32"].items()}
+    finished = load_average()
+
+    rows = summarize(all_runners, ceil)
+    print(
+        f"torch {torch.__version__}, threads={torch.get_num_threads()}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, AdamW({args.adamw}), "
+        f"steps={args.steps} (warm-up {args.warmup})"
+    )
+    print(
+        "matmul ceiling GFLOP/s: "
+        + "; ".join(
+            f"{dt}: " + ", ".join(f"{k} {v:.0f}" for k, v in c.items()) for dt, c in ceil.items()
+        )
+    )
+    table = print_table(rows)
+    for name, tab in profiles.items():
+        print(f"\n=== profile {name} ({args.profile}) ===\n{tab}")
+    print(f"load at start: {started}\nload at end:   {finished}")
+    result = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "adamw": args.adamw,
+        "load_start": started,
+        "load_end": finished,
+        "ceiling_gflops": ceil,
+        "rows": rows,
+        "table": table,
+    }
+    (out / "bench_vlm.json").write_text(json.dumps(result, indent=2))
+    plot(rows, out / "bench_vlm.png")
+    print(f"wrote {out / 'bench_vlm.json'} and {out / 'bench_vlm.png'}")
+
+
+if __name__ == "__main__":
+    main()
