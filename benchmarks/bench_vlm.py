@@ -65,14 +65,27 @@ Ceiling: median GFLOP/s of float32 ``torch.mm`` at the model's GEMM shapes and a
 1024^3, measured in the same process at start and end; ``% ceil`` is achieved FLOP/s over
 the larger 1024^3 figure.
 
-Peak memory: RSS growth during one timed step over the RSS just before it (after
-``gc.collect()``), sampled every 0.5 ms by a thread; the maximum over the timed steps.
-The script re-executes itself with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc
-serves every large tensor with ``mmap`` and returns it at once (without it, freed
-memory stays cached in the heap and RSS growth under-counts later models).  Parameters,
-gradients of the previous step (freed: ``zero_grad(set_to_none=True)``) and optimizer
-state exist before the step and are not counted; the growth is activations +
-gradients + temporaries.
+Compiled rows (``--compile``, random encoder, float32): ``<arch>+compile`` is ours with
+``parallel.compile = true`` (:func:`vlm_parallel.apply_compile`: Inductor per trunk
+block, what ``vlm train`` does), compared with the peer both eager (what a Hugging Face
+user runs by default) and compiled (``<peer>+compile``: ``model.compile()`` of the whole
+peer, the usual way to compile a transformers model).  ``moma_loop+compile`` is the
+per-expert loop model compiled the same way as ours.  Compiled copies are deep copies of
+the eager models (same weights); the first steps (compilation) are warm-up.
+
+Timing: every model's steps run under the default glibc allocator (no memory
+instrumentation), so the step times are what a training run sees.
+
+Peak memory (a second pass after all timing): the script switches glibc to serve every
+block of 64 KiB or more with ``mmap`` and to trim the heap on ``free``
+(:func:`peak_rss.mmap_large_allocations`), so that freed tensors leave the RSS at once;
+then for each model, RSS growth during one step over the RSS just before it (after
+``gc.collect()`` and ``malloc_trim``), sampled every 0.5 ms by a thread, maximum over
+``--memory-steps`` steps.  Parameters, gradients of the previous step (freed:
+``zero_grad(set_to_none=True)``) and optimizer state exist before the step and are not
+counted; the growth is activations + gradients + temporaries.  (Earlier versions timed
+under the same ``mmap`` setting: page-faulting fresh pages on every allocation added
+40-60% to every model's step time and to the matmul ceiling alike.)
 
     OMP_NUM_THREADS=2 python benchmarks/bench_vlm.py --out build/bench
     nox -s bench
@@ -85,13 +98,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import json
 import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,10 +112,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peak_rss import PeakRSS, rss_bytes
+from peak_rss import PeakRSS, malloc_trim, mmap_large_allocations, rss_bytes
 from torch import Tensor, nn
-
-_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 # shared size
 DIM, LAYERS, HEADS, VOCAB = 256, 4, 8, 4096
@@ -228,9 +239,9 @@ class Runner:
     dtype: str  # "float32" | "bfloat16"
     side: str  # "ours" | "peer"
     model: nn.Module
-    forward: Callable[[], Tensor]  # returns the loss
+    forward: Callable[[Any], Tensor]  # forward(model) returns the loss
     flops: int
-    peer: str | None = None  # the row this one is compared with
+    peers: tuple[str, ...] = ()  # the rows this one is compared with
     opt: torch.optim.Optimizer | None = None
     times: list[float] = field(default_factory=list)
     growth: int = 0
@@ -249,7 +260,7 @@ class Runner:
             else contextlib.nullcontext()
         )
         with ctx:
-            loss = self.forward()
+            loss = self.forward(self.model)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -286,13 +297,12 @@ def job_config(arch: dict[str, Any], encoder: str) -> Any:
 
 
 def ours_loss(
-    model: Any, pixels: Tensor, ids: Tensor, labels: Tensor, fused: bool = True
-) -> Callable[[], Tensor]:
+    pixels: Tensor, ids: Tensor, labels: Tensor, fused: bool = True
+) -> Callable[[Any], Tensor]:
     from vlm_strategies import causal_lm_loss
 
-    loss_fn = getattr(model, "loss", None) if fused else None
-
-    def forward() -> Tensor:
+    def forward(model: Any) -> Tensor:
+        loss_fn = getattr(model, "loss", None) if fused else None
         if callable(loss_fn):  # the fused/chunked loss path, when the wrapper has one
             loss = loss_fn(pixels, ids, labels)
         else:
@@ -410,9 +420,9 @@ def build_runners(
                 dtype,
                 "ours",
                 joint,
-                ours_loss(joint, pixels, ids, labels),
+                ours_loss(pixels, ids, labels),
                 model_flops("joint_decoder", group, ffn),
-                peer="llava",
+                peers=("llava",),
             )
         )
         vcfg = SiglipVisionConfig(**SIGLIP_TOWER, vision_use_head=False)
@@ -467,9 +477,9 @@ def build_runners(
                     dtype,
                     "ours",
                     plain,
-                    ours_loss(plain, pixels, ids, labels, fused=False),
+                    ours_loss(pixels, ids, labels, fused=False),
                     model_flops("joint_decoder", group, ffn),
-                    peer="llava",
+                    peers=("llava",),
                 )
             )
         add(
@@ -502,9 +512,9 @@ def build_runners(
                 dtype,
                 "ours",
                 cross,
-                ours_loss(cross, pixels, ids, labels),
+                ours_loss(pixels, ids, labels),
                 model_flops("cross_attention", group, ffn),
-                peer="mllama",
+                peers=("mllama",),
             )
         )
         n_total = LAYERS + LAYERS // CROSS_EVERY
@@ -568,9 +578,9 @@ def build_runners(
                 dtype,
                 "ours",
                 mot,
-                ours_loss(mot, pixels, ids, labels),
+                ours_loss(pixels, ids, labels),
                 model_flops("mot", group, ffn),
-                peer="llama",
+                peers=("llama",),
             )
         )
 
@@ -595,9 +605,9 @@ def build_runners(
                     dtype,
                     "ours",
                     moma,
-                    ours_loss(moma, pixels, ids, labels),
+                    ours_loss(pixels, ids, labels),
                     model_flops("moma", group, ffn, ks),
-                    peer="moma_loop" if not loop and args.moma_loop else "llama",
+                    peers=("moma_loop", "llama") if not loop and args.moma_loop else ("llama",),
                 )
             )
 
@@ -652,7 +662,37 @@ def make_optimizer(model: nn.Module, kind: str) -> torch.optim.Optimizer:
 
 
 # --------------------------------------------------------------------------- running
+def compiled_copies(
+    runners: list[Runner], names: set[str], args: argparse.Namespace
+) -> list[Runner]:
+    """``<name>+compile`` deep copies of the runners named in ``names`` (see the module
+    docstring); ours via :func:`vlm_parallel.apply_compile`, peers via ``model.compile()``."""
+    from dataclasses import replace
+
+    from vlm_parallel import apply_compile
+
+    chosen = [r for r in runners if r.name in names]
+    compiled = {r.name for r in chosen}
+    out = []
+    for r in chosen:
+        model = copy.deepcopy(r.model)
+        if r.name == "moma_loop":  # the patched forward closes over the original layers
+            patch_moma_loop(model)
+        if r.side == "ours":
+            apply_compile(model)
+        else:
+            model.compile()
+        peers = (*r.peers, *(f"{p}+compile" for p in r.peers if p in compiled))
+        twin = replace(
+            r, name=f"{r.name}+compile", model=model, peers=peers, opt=None, times=[], growth=0
+        )
+        twin.opt = make_optimizer(model, args.adamw)
+        out.append(twin)
+    return out
+
+
 def run_group(runners: list[Runner], warmup: int, steps: int) -> None:
+    """Warm-up, then ``steps`` timed steps of every runner in rotating order."""
     for r in runners:
         r.first_loss = float(r.step())
     for _ in range(warmup - 1):
@@ -662,12 +702,22 @@ def run_group(runners: list[Runner], warmup: int, steps: int) -> None:
     for i in range(steps):
         for j in range(n):
             r = runners[(i + j) % n]
+            t0 = time.perf_counter()
+            r.step()
+            r.times.append(time.perf_counter() - t0)
+
+
+def measure_memory(runners: list[Runner], steps: int) -> None:
+    """Peak RSS growth of one step, max over ``steps`` (call after
+    :func:`peak_rss.mmap_large_allocations`)."""
+    for r in runners:
+        r.step()  # the first step under the new allocator settings is not measured
+        for _ in range(steps):
             gc.collect()
+            malloc_trim()
             base = rss_bytes()
             with PeakRSS() as peak:
-                t0 = time.perf_counter()
                 r.step()
-                r.times.append(time.perf_counter() - t0)
             r.growth = max(r.growth, peak.peak - base)
 
 
@@ -688,9 +738,22 @@ def summarize(runners: list[Runner], ceil: dict[str, dict[str, float]]) -> list[
     rows = []
     for r in runners:
         med = statistics.median(r.times)
-        peer = by_key.get(f"{r.peer}/{r.group}/{r.dtype}") if r.peer else None
-        peer_med = statistics.median(peer.times) if peer else None
         top = ceil[r.dtype]["1024^3"] * 1e9
+        comparisons = []
+        for name in r.peers:
+            peer = by_key.get(f"{name}/{r.group}/{r.dtype}")
+            if peer is None:
+                continue
+            peer_med = statistics.median(peer.times)
+            comparisons.append(
+                {
+                    "peer": peer.name,
+                    "peer_median_ms": peer_med * 1e3,
+                    "speedup_vs_peer": peer_med / med,
+                    "peer_peak_rss_growth_mb": peer.growth / 2**20,
+                    "peer_first_loss": peer.first_loss,
+                }
+            )
         rows.append(
             {
                 "model": r.name,
@@ -708,11 +771,7 @@ def summarize(runners: list[Runner], ceil: dict[str, dict[str, float]]) -> list[
                 "peak_rss_growth_mb": r.growth / 2**20,
                 "params_m": sum(p.numel() for p in r.model.parameters()) / 1e6,
                 "first_loss": r.first_loss,
-                "peer": r.peer if peer else None,
-                "peer_median_ms": peer_med * 1e3 if peer_med else None,
-                "peer_first_loss": peer.first_loss if peer else None,
-                "speedup_vs_peer": peer_med / med if peer_med else None,
-                "peer_peak_rss_growth_mb": peer.growth / 2**20 if peer else None,
+                "comparisons": comparisons,
             }
         )
     return rows
@@ -720,32 +779,33 @@ def summarize(runners: list[Runner], ceil: dict[str, dict[str, float]]) -> list[
 
 def print_table(rows: list[dict[str, Any]]) -> str:
     head = (
-        f"{'arch':<16} {'enc':<7} {'dtype':<9} {'ours ms':>8} {'peer':<10} {'peer ms':>8} "
+        f"{'arch':<24} {'enc':<7} {'dtype':<9} {'ours ms':>8} {'peer':<16} {'peer ms':>8} "
         f"{'ratio':>6} {'GFLOP/s':>8} {'%ceil':>6} {'peak MB':>8} {'peer MB':>8} "
         f"{'loss':>8} {'peer loss':>9}"
     )
     lines = [head, "-" * len(head)]
+    nan = float("nan")
     for row in rows:
         if row["side"] != "ours":
             continue
-        pm = row["peer_median_ms"]
-        lines.append(
-            f"{row['model']:<16} {row['encoder']:<7} {row['dtype']:<9} {row['median_ms']:8.1f} "
-            f"{row['peer'] or '-':<10} {pm if pm else float('nan'):8.1f} "
-            f"{row['speedup_vs_peer'] or float('nan'):6.2f} {row['gflops_per_s']:8.1f} "
-            f"{row['pct_of_ceiling']:6.1f} {row['peak_rss_growth_mb']:8.1f} "
-            f"{row['peer_peak_rss_growth_mb'] or float('nan'):8.1f} {row['first_loss']:8.4f} "
-            f"{row['peer_first_loss'] or float('nan'):9.4f}"
-        )
+        for c in row["comparisons"] or [{}]:
+            lines.append(
+                f"{row['model']:<24} {row['encoder']:<7} {row['dtype']:<9} "
+                f"{row['median_ms']:8.1f} {c.get('peer', '-'):<16} "
+                f"{c.get('peer_median_ms', nan):8.1f} {c.get('speedup_vs_peer', nan):6.2f} "
+                f"{row['gflops_per_s']:8.1f} {row['pct_of_ceiling']:6.1f} "
+                f"{row['peak_rss_growth_mb']:8.1f} {c.get('peer_peak_rss_growth_mb', nan):8.1f} "
+                f"{row['first_loss']:8.4f} {c.get('peer_first_loss', nan):9.4f}"
+            )
     lines.append("")
     lines.append(
-        f"{'peer row':<16} {'enc':<7} {'dtype':<9} {'ms':>8} {'GFLOP/s':>8} "
+        f"{'peer row':<24} {'enc':<7} {'dtype':<9} {'ms':>8} {'GFLOP/s':>8} "
         f"{'%ceil':>6} {'peak MB':>8}"
     )
     for row in rows:
         if row["side"] == "peer":
             lines.append(
-                f"{row['model']:<16} {row['encoder']:<7} {row['dtype']:<9} {row['median_ms']:8.1f} "
+                f"{row['model']:<24} {row['encoder']:<7} {row['dtype']:<9} {row['median_ms']:8.1f} "
                 f"{row['gflops_per_s']:8.1f} {row['pct_of_ceiling']:6.1f} "
                 f"{row['peak_rss_growth_mb']:8.1f}"
             )
@@ -801,11 +861,13 @@ def main() -> None:
         help="skip the joint-decoder row that uses logits + causal_lm_loss",
     )
     p.add_argument("--no-flop-count", dest="flop_count", action="store_false")
+    p.add_argument(
+        "--compile",
+        default="joint_decoder,cross_attention,moma,moma_loop,llava,mllama",
+        help="models also run compiled (random encoder, float32); '' = none",
+    )
+    p.add_argument("--memory-steps", type=int, default=3)
     args = p.parse_args()
-
-    if any(os.environ.get(k) != v for k, v in _MALLOC_ENV.items()):
-        env = {**os.environ, **_MALLOC_ENV}
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -824,8 +886,11 @@ def main() -> None:
         plans.append(("random", "bfloat16", bf16))
     all_runners: list[Runner] = []
     profiles: dict[str, str] = {}
+    to_compile = {a for a in args.compile.split(",") if a}
     for group, dtype, group_archs in plans:
         runners = build_runners(group, dtype, group_archs, args)
+        if to_compile and group == "random" and dtype == "float32":
+            runners += compiled_copies(runners, to_compile, args)
         if args.flop_count:
             for r in runners:
                 r.executed = executed_flops(r.step)
@@ -833,12 +898,15 @@ def main() -> None:
         run_group(runners, args.warmup, args.steps)
         if args.profile and group == "random" and dtype == "float32":
             for r in runners:
-                if r.name in ("joint_decoder", "llava"):
+                if r.name in ("joint_decoder", "joint_decoder+compile", "llava"):
                     profiles[r.name] = profile_step(r, out, args.profile)
         all_runners.extend(runners)
     ceil_end = ceiling(ffn, torch.float32)
     ceil["float32"] = {k: max(v, ceil_end[k]) for k, v in ceil["float32"].items()}
     finished = load_average()
+    if not mmap_large_allocations():
+        print("warning: not glibc; peak RSS growth under-counts freed-and-reused memory")
+    measure_memory(all_runners, args.memory_steps)
 
     rows = summarize(all_runners, ceil)
     print(

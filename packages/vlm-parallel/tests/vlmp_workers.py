@@ -153,10 +153,8 @@ def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def train_step(model, optimizer, pixels, ids, ctx) -> float:
     import torch.distributed as tdist
 
-    from vlm_strategies import causal_lm_loss
-
-    logits, labels = model(pixels.to(ctx.device), ids.to(ctx.device), labels=ids.to(ctx.device))
-    loss = causal_lm_loss(logits, labels)
+    # the fused LM-head + cross-entropy path of `vlm train` (an FSDP forward method)
+    loss = model.loss(pixels.to(ctx.device), ids.to(ctx.device), ids.to(ctx.device))
     aux = model.auxiliary_losses()
     if aux:
         loss = loss + 0.01 * sum(aux.values())

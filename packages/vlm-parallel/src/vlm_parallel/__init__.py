@@ -11,7 +11,6 @@ from vlm_parallel.activation import (
     attention_like_submodules,
 )
 from vlm_parallel.build import build_parallel_vlm, encoder_ever_trainable, materialize
-from vlm_parallel.compile import apply_compile, is_compiled
 from vlm_parallel.checkpoint import (
     COMPLETE_MARKER,
     CheckpointManager,
@@ -20,6 +19,7 @@ from vlm_parallel.checkpoint import (
     load_consolidated,
     restore_rng_state,
 )
+from vlm_parallel.compile import apply_compile, is_compiled
 from vlm_parallel.dist import DistContext, destroy_distributed, init_distributed, resolve_mesh_shape
 from vlm_parallel.fsdp import apply_fsdp, is_sharded, torch_dtype
 

@@ -6,7 +6,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    FSDPModule,
+    MixedPrecisionPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 
 from vlm_config import ParallelConfig
 from vlm_parallel.dist import DistContext
@@ -121,5 +126,8 @@ def apply_fsdp(
             model.vision_encoder.to(dist.device)
             ignored = set(model.vision_encoder.parameters())
     fully_shard(model, mp_policy=root_policy, ignored_params=ignored or None, **common)
+    # the fused LM-head + cross-entropy entry point is a forward too (root lazy init,
+    # all-gather of the root's parameters)
+    register_fsdp_forward_method(model, "loss")
     setattr(model, _MARK, True)
     return model

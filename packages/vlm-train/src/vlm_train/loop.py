@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from vlm_config import JobConfig, dump_toml, write_toml
-from vlm_strategies import apply_freeze, causal_lm_loss, freeze_specs_at
+from vlm_strategies import apply_freeze, freeze_specs_at
 from vlm_train.data import GlobalBatchSampler, ImageTextCollator
 from vlm_train.evaluate import EvalResult, evaluate, format_eval
 from vlm_train.plot import plot_loss_curve, read_metrics
@@ -297,13 +297,13 @@ def train(
                     batch["pixel_values"] = train_set.augment(batch["pixel_values"], gen)
                     frame_mask = batch["frame_mask"]
                     with autocast:
-                        logits, labels = model(
+                        # LM head fused with the cross-entropy: no (B, S, V) logits held
+                        loss = model.loss(
                             batch["pixel_values"].to(device),
                             batch["input_ids"].to(device),
                             batch["labels"].to(device),
                             None if frame_mask is None else frame_mask.to(device),
                         )
-                        loss = causal_lm_loss(logits, labels)
                         total = loss
                         for name, value in model.auxiliary_losses().items():
                             weight = cfg.aux_loss_weights.get(name, 1.0)

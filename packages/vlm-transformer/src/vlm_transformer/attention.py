@@ -97,8 +97,10 @@ class Attention(nn.Module):
     no bias), ``o_proj`` (marked as an output projection for init scaling), and
     ``q_norm``/``k_norm`` (``RMSNorm(head_dim)``) when ``config.qk_norm``.
 
-    ``forward(x (B,S,D), cos, sin (B|1,S,hd) float32, mask, cache=None) -> (B,S,D)``.
-    With a ``cache`` the new K/V are appended and the queries attend to all cached keys.
+    ``forward(x (B,S,D), cos, sin (B|1,S,hd) float32, mask, cache=None, output_from=0)
+    -> (B, S - output_from, D)``.  With a ``cache`` the new K/V are appended and the
+    queries attend to all cached keys; ``output_from > 0`` drops the first positions'
+    attention outputs before ``o_proj`` (their keys and values are still used).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -123,6 +125,7 @@ class Attention(nn.Module):
         sin: Tensor,
         mask: AttentionMask,
         cache: LayerKVCache | None = None,
+        output_from: int = 0,
     ) -> Tensor:
         b, s, _ = x.shape
         qkv = self.qkv_proj(x).view(b, s, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
@@ -137,4 +140,6 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)
         out = attention(q, k, v, mask)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.q_dim))
+        if output_from:
+            out = out[:, :, output_from:]
+        return self.o_proj(out.transpose(1, 2).reshape(b, s - output_from, self.q_dim))

@@ -21,7 +21,10 @@ __all__ = ["DecoderBlock"]
 class DecoderBlock(nn.Module):
     """``h = x + attn(attn_norm(x)); out = h + mlp(mlp_norm(h))``.
 
-    ``forward(x (B,S,D), state: TrunkInputs, cache: LayerKVCache | None) -> (B,S,D)``.
+    ``forward(x (B,S,D), state: TrunkInputs, cache: LayerKVCache | None, output_from=0)
+    -> (B, S - output_from, D)``: every position attends as usual (and fills the cache),
+    but the attention output projection, the residual and the MLP run on positions
+    ``>= output_from`` only.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -31,6 +34,13 @@ class DecoderBlock(nn.Module):
         self.mlp_norm = build_norm(config.norm_type, config.dim, config.norm_eps)
         self.mlp = build_mlp(config)
 
-    def forward(self, x: Tensor, state: TrunkInputs, cache: LayerKVCache | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), state.cos, state.sin, state.mask, cache)
+    def forward(
+        self,
+        x: Tensor,
+        state: TrunkInputs,
+        cache: LayerKVCache | None = None,
+        output_from: int = 0,
+    ) -> Tensor:
+        h = self.attn(self.attn_norm(x), state.cos, state.sin, state.mask, cache, output_from)
+        x = (x[:, output_from:] if output_from else x) + h
         return x + self.mlp(self.mlp_norm(x))

@@ -28,17 +28,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
             t = targets[start : start + chunk]
             v = valid[start : start + chunk]
             logits = torch.nn.functional.linear(h, weight).float()
-            lse = torch.logsumexp(logits, dim=-1)
             safe = torch.where(v, t, 0)
             picked = logits.gather(1, safe[:, None]).squeeze(1)
+            # one exp pass: p = exp(logits - max) in place, lse = max + log(sum p),
+            # softmax = p / sum p
+            peak = logits.amax(dim=-1, keepdim=True)
+            grad = torch.exp_(logits.sub_(peak))
+            norm = grad.sum(dim=-1, keepdim=True)
+            lse = (peak + norm.log()).squeeze(1)
             total = total + torch.where(v, lse - picked, 0.0).sum()
             # d loss / d logits = (softmax - onehot) / count on real rows, 0 on ignored ones
-            grad = torch.exp_(logits.sub_(lse[:, None]))
-            grad.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -1.0))
-            grad.mul_((v.to(grad.dtype) / count)[:, None])
+            grad.mul_(v.to(grad.dtype)[:, None] / (norm * count))
+            grad.scatter_add_(1, safe[:, None], (v.to(grad.dtype) / -count)[:, None])
             g = grad.to(h.dtype)
-            grad_h[start : start + chunk] = g @ weight.to(h.dtype)
-            grad_w += (g.t() @ h).float()
+            torch.mm(g, weight.to(h.dtype), out=grad_h[start : start + chunk])
+            if h.dtype == torch.float32:
+                grad_w.addmm_(g.t(), h)  # accumulate in place, no (V, D) temporary
+            else:
+                grad_w += (g.t() @ h).float()
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return total / count
 

@@ -171,6 +171,8 @@ class Transformer(nn.Module):
             prefix_bidirectional=bidir,
         )
         cos, sin = self.rotary(pos)
+        trim = 0 if ctx is None else ctx.trim
+        output_from = max(trim, total - logits_to_keep) if logits_to_keep > 0 else trim
         state = TrunkInputs(
             cos=cos,
             sin=sin,
@@ -180,13 +182,16 @@ class Transformer(nn.Module):
             cache=cache,
             prefix_len=prefix_len,
             past_len=past_len,
+            output_from=output_from,
         )
         hidden = self.trunk(hidden, state)
-        trim = 0 if ctx is None else ctx.trim
-        if trim:
-            hidden = hidden[:, trim:]
-        if logits_to_keep > 0:
-            hidden = hidden[:, -logits_to_keep:]
+        if hidden.shape[1] == total:
+            hidden = hidden[:, output_from:]
+        elif hidden.shape[1] != total - output_from:
+            raise RuntimeError(
+                f"{type(self.trunk).__name__} returned {hidden.shape[1]} positions; expected "
+                f"{total} or {total - output_from} (TrunkInputs.output_from={output_from})"
+            )
         if head is not None:
             return head(hidden)  # type: ignore[no-any-return]
         if self.lm_head is not None:

@@ -31,6 +31,13 @@ class TrunkInputs:
         cache: the :class:`KVCache` (or ``None``); layers use ``cache.layer(key)``.
         prefix_len: ``P``, positions of this forward that came from ``prefix_embeds``.
         past_len: cached slots before this forward (0 without a cache).
+        output_from: the caller reads only positions ``>= output_from`` of the trunk's
+            output (prefix positions that get no logits, or all but the last
+            ``logits_to_keep``).  A trunk may skip the last layer's work for the earlier
+            positions and return ``(B, S - output_from, D)`` instead of ``(B, S, D)``
+            (their keys and values still feed attention); a trunk whose last layer mixes
+            positions beyond attention (e.g. expert-choice routing over the sequence)
+            ignores it and returns all ``S``.
     """
 
     cos: Tensor
@@ -41,6 +48,7 @@ class TrunkInputs:
     cache: KVCache | None = None
     prefix_len: int = 0
     past_len: int = 0
+    output_from: int = 0
 
 
 class Trunk(nn.Module, abc.ABC):
@@ -66,7 +74,8 @@ class Trunk(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def forward(self, hidden: Tensor, state: TrunkInputs) -> Tensor:
-        """``hidden (B, S, D) -> (B, S, D)`` after all layers and the final norm."""
+        """``hidden (B, S, D) -> (B, S, D)`` (or ``(B, S - state.output_from, D)``) after
+        all layers and the final norm."""
 
     def blocks(self) -> list[nn.Module]:
         """The repeatable units (activation checkpointing / FSDP2 wrap each one)."""
@@ -85,7 +94,11 @@ class Trunk(nn.Module, abc.ABC):
 
 
 class DenseTrunk(Trunk):
-    """``n_layers`` :class:`DecoderBlock` s followed by the final norm."""
+    """``n_layers`` :class:`DecoderBlock` s followed by the final norm.
+
+    Honours ``state.output_from``: the last block runs its attention output projection,
+    MLP and the final norm on the kept positions only.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -94,6 +107,11 @@ class DenseTrunk(Trunk):
 
     def forward(self, hidden: Tensor, state: TrunkInputs) -> Tensor:
         cache = state.cache
-        for name, layer in self.layers.items():
-            hidden = layer(hidden, state, None if cache is None else cache.layer(name))
+        last = len(self.layers) - 1
+        for i, (name, layer) in enumerate(self.layers.items()):
+            layer_cache = None if cache is None else cache.layer(name)
+            if i == last and state.output_from:
+                hidden = layer(hidden, state, layer_cache, output_from=state.output_from)
+            else:
+                hidden = layer(hidden, state, layer_cache)
         return self.norm(hidden)

@@ -12,11 +12,14 @@ class MoTConfig(ArchConfig):
     every layer holds one copy of the decoder block per modality (``image``: modality id
     0, ``text``: modality id 1), i.e. per-modality attention/MLP norms, Q/K/V/O
     projections and FFN; attention itself is one global causal attention over all
-    positions. The final norm is per modality too. Positions are routed by
-    ``ModalityContext.modality_ids`` (any layout, not only an image prefix).
+    positions. The final norm is per modality too.  In this arch's own image-prefix
+    layout each copy runs on its own slice of the sequence (no wasted FLOPs, static
+    shapes); a context with explicit ``ModalityContext.modality_ids`` (any layout, e.g.
+    interleaved) is routed per position by ``dispatch``.
 
     Fields:
-        dispatch: how positions reach their modality's weights.
+        dispatch: how positions reach their modality's weights when the context gives
+            explicit ``modality_ids``.
             ``"select"`` (default): every copy runs on every position and
             ``torch.where`` keeps the right one (static shapes, ``fullgraph``
             compile-friendly, 2x the projection/FFN FLOPs).

@@ -18,8 +18,13 @@ A layer computes, for every position ``p`` with modality ``m = modality_ids[p]``
     h_p = x_p + o_proj_m(global_causal_attention(q, k, v)_p)
     out_p = h_p + mlp_m(mlp_norm_m(h_p))
 
-Routing never assumes the image block is contiguous. Without ``modality_ids`` in the
-context, the ``prefix_len`` prefix positions are image and the rest text.
+Routing never assumes the image block is contiguous: explicit
+``ModalityContext.modality_ids`` may interleave modalities (``dispatch`` decides how
+they are routed).  Without ``modality_ids`` in the context (what this arch's own
+contexts use), the ``prefix_len`` prefix positions are image and the rest text, and
+each copy runs on its own slice of the sequence only (:func:`route_by_split`: static
+shapes, no wasted FLOPs).  The last layer honours ``TrunkInputs.output_from``: the
+dropped (image prefix) positions skip their output projection, FFN and final norm.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ __all__ = [
     "MoTNorm",
     "MoTTrunk",
     "route_by_modality",
+    "route_by_split",
 ]
 
 IMAGE = 0
@@ -61,6 +67,25 @@ TEXT = 1
 MODALITIES = ("image", "text")  # index = modality id
 
 RowFn = Callable[[Tensor], Tensor]
+Routing = Tensor | int  # (B, S) modality ids, or the image-prefix length
+
+
+def route_by_split(x: Tensor, split: int, fns: Sequence[RowFn]) -> Tensor:
+    """``fns[0]`` (image) on positions ``< split``, ``fns[1]`` (text) on the rest.
+
+    Args:
+        x: ``(B, S, ...)``; each ``fn`` maps ``(..., Din) -> (..., Dout)`` row-wise.
+        split: the image-prefix length (clamped to ``[0, S]``).
+
+    Returns:
+        ``(B, S, ..., Dout)``; each function runs on its own slice only.
+    """
+    s = x.shape[1]
+    if split <= 0:
+        return fns[TEXT](x)
+    if split >= s:
+        return fns[IMAGE](x)
+    return torch.cat((fns[IMAGE](x[:, :split]), fns[TEXT](x[:, split:])), dim=1)
 
 
 def route_by_modality(
@@ -124,7 +149,10 @@ class MoTBlock(nn.Module):
     """One MoT layer: ``image`` and ``text`` copies of a decoder block, one global
     attention. Owns every parameter it uses (the FSDP2 / activation-checkpointing unit).
 
-    ``forward(x (B,S,D), state, cache, modality_ids (B,S) long) -> (B,S,D)``.
+    ``forward(x (B,S,D), state, cache, routing, output_from=0) -> (B, S - output_from, D)``
+    where ``routing`` is ``(B, S)`` long modality ids or an int image-prefix length
+    (see :func:`route_by_split`); positions before ``output_from`` still attend and fill
+    the cache but skip the output projection and the FFN.
     """
 
     def __init__(self, config: ModelConfig, dispatch: str = "select") -> None:
@@ -142,18 +170,22 @@ class MoTBlock(nn.Module):
         x: Tensor,
         state: TrunkInputs,
         cache: LayerKVCache | None,
-        modality_ids: Tensor,
+        routing: Routing,
+        output_from: int = 0,
     ) -> Tensor:
         towers = self.towers()
         a = self.text.attn
         b, s, _ = x.shape
 
-        def route(h: Tensor, fn: Callable[[DecoderBlock, Tensor], Tensor]) -> Tensor:
-            return route_by_modality(
-                h, modality_ids, [partial(fn, t) for t in towers], self.dispatch
-            )
+        def route(
+            h: Tensor, fn: Callable[[DecoderBlock, Tensor], Tensor], where: Routing
+        ) -> Tensor:
+            fns = [partial(fn, t) for t in towers]
+            if isinstance(where, int):
+                return route_by_split(h, where, fns)
+            return route_by_modality(h, where, fns, self.dispatch)
 
-        q, k, v = route(x, _qkv).split([a.q_dim, a.kv_dim, a.kv_dim], dim=-1)
+        q, k, v = route(x, _qkv, routing).split([a.q_dim, a.kv_dim, a.kv_dim], dim=-1)
         q = q.view(b, s, a.n_heads, a.head_dim).transpose(1, 2)
         k = k.view(b, s, a.n_kv_heads, a.head_dim).transpose(1, 2)
         v = v.view(b, s, a.n_kv_heads, a.head_dim).transpose(1, 2)
@@ -161,14 +193,26 @@ class MoTBlock(nn.Module):
         k = apply_rotary(k, state.cos, state.sin)
         if cache is not None:
             k, v = cache.update(k, v)
-        attn = attention(q, k, v, state.mask).transpose(1, 2).reshape(b, s, a.q_dim)
-        x = x + route(attn, _out)
-        return x + route(x, _ffn)
+        attn = attention(q, k, v, state.mask).transpose(1, 2)
+        if output_from:
+            attn, x = attn[:, output_from:], x[:, output_from:]
+        kept = shift_routing(routing, output_from)
+        x = x + route(attn.reshape(b, s - output_from, a.q_dim), _out, kept)
+        return x + route(x, _ffn, kept)
+
+
+def shift_routing(routing: Routing, start: int) -> Routing:
+    """The routing of positions ``start:`` (ids sliced, or the prefix length reduced)."""
+    if not start:
+        return routing
+    if isinstance(routing, int):
+        return max(routing - start, 0)
+    return routing[:, start:]
 
 
 class MoTNorm(nn.Module):
     """Per-modality final norm: ``image`` and ``text``.
-    ``forward(x (B,S,D), modality_ids (B,S)) -> (B,S,D)``."""
+    ``forward(x (B,S,D), routing: (B,S) ids | int prefix length) -> (B,S,D)``."""
 
     def __init__(self, config: ModelConfig, dispatch: str = "select") -> None:
         super().__init__()
@@ -176,8 +220,10 @@ class MoTNorm(nn.Module):
         self.image = build_norm(config.norm_type, config.dim, config.norm_eps)
         self.text = build_norm(config.norm_type, config.dim, config.norm_eps)
 
-    def forward(self, x: Tensor, modality_ids: Tensor) -> Tensor:
-        return route_by_modality(x, modality_ids, [self.image, self.text], self.dispatch)
+    def forward(self, x: Tensor, routing: Routing) -> Tensor:
+        if isinstance(routing, int):
+            return route_by_split(x, routing, [self.image, self.text])
+        return route_by_modality(x, routing, [self.image, self.text], self.dispatch)
 
 
 class MoTTrunk(Trunk):
@@ -217,11 +263,17 @@ class MoTTrunk(Trunk):
         return (pos >= state.prefix_len).long()[None, :].expand(b, s)
 
     def forward(self, hidden: Tensor, state: TrunkInputs) -> Tensor:
-        ids = self.modality_ids(hidden, state)
+        ctx = state.context
+        routing: Routing = state.prefix_len
+        if ctx is not None and ctx.modality_ids is not None:
+            routing = self.modality_ids(hidden, state)
         cache = state.cache
-        for name, layer in self.layers.items():
-            hidden = layer(hidden, state, None if cache is None else cache.layer(name), ids)
-        return self.norm(hidden, ids)
+        last = len(self.layers) - 1
+        for i, (name, layer) in enumerate(self.layers.items()):
+            layer_cache = None if cache is None else cache.layer(name)
+            keep = state.output_from if i == last else 0
+            hidden = layer(hidden, state, layer_cache, routing, keep)
+        return self.norm(hidden, shift_routing(routing, state.output_from))
 
 
 class MixtureOfTransformers(ArchImplementation):
@@ -235,19 +287,10 @@ class MixtureOfTransformers(ArchImplementation):
     def context(
         self, image_embeds: Tensor, image_valid: Tensor | None, input_ids: Tensor
     ) -> ModalityContext:
-        b, t = image_embeds.shape[:2]
         s = input_ids.shape[1]
-        device = image_embeds.device
-        ids = torch.cat(
-            (
-                torch.full((b, t), IMAGE, dtype=torch.long, device=device),
-                torch.full((b, s), TEXT, dtype=torch.long, device=device),
-            ),
-            dim=1,
-        )
+        # the image-prefix layout needs no modality ids: the trunk splits at prefix_len
         return ModalityContext(
             prefix_embeds=image_embeds,
-            modality_ids=ids,
             key_padding_mask=prefix_key_padding(image_valid, s),
         )
 
@@ -258,6 +301,4 @@ class MixtureOfTransformers(ArchImplementation):
         new_ids: Tensor,
         cache: KVCache,
     ) -> ModalityContext | None:
-        return ModalityContext(
-            modality_ids=torch.full_like(new_ids, TEXT, dtype=torch.long),
-        )
+        return ModalityContext()  # new positions: text only (no prefix)
