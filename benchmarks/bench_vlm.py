@@ -76,10 +76,12 @@ the eager models (same weights); the first steps (compilation) are warm-up.
 Timing: every model's steps run under the default glibc allocator (no memory
 instrumentation), so the step times are what a training run sees.
 
-Peak memory (a second pass after all timing): the script switches glibc to serve every
-block of 64 KiB or more with ``mmap`` and to trim the heap on ``free``
-(:func:`peak_rss.mmap_large_allocations`), so that freed tensors leave the RSS at once;
-then for each model, RSS growth during one step over the RSS just before it (after
+Peak memory (after all timing, one fresh child process per model, so no other model's
+freed memory or heap layout is in the way): the child builds the same model (compiled
+the same way), runs two warm-up steps, switches glibc to serve every block of 64 KiB or
+more with ``mmap`` and to trim the heap on ``free``
+(:func:`peak_rss.mmap_large_allocations`) so that freed tensors leave the RSS at once,
+then reports the RSS growth during one step over the RSS just before it (after
 ``gc.collect()`` and ``malloc_trim``), sampled every 0.5 ms by a thread, maximum over
 ``--memory-steps`` steps.  Parameters, gradients of the previous step (freed:
 ``zero_grad(set_to_none=True)``) and optimizer state exist before the step and are not
@@ -105,6 +107,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -721,6 +724,46 @@ def measure_memory(runners: list[Runner], steps: int) -> None:
             r.growth = max(r.growth, peak.peak - base)
 
 
+_ARCH_OF = {
+    "llava": "joint_decoder",
+    "joint_unfused_ce": "joint_decoder",
+    "mllama": "cross_attention",
+    "moma_loop": "moma",
+}
+
+
+def memory_child(key: str, args: argparse.Namespace) -> None:
+    """``--memory-child name/group/dtype``: build that model alone, warm it up, print its
+    peak RSS growth per step (bytes) as the last line."""
+    name, group, dtype = key.split("/")
+    base = name.removesuffix("+compile")
+    runners = build_runners(group, dtype, [_ARCH_OF.get(base, base)], args)
+    if name.endswith("+compile"):
+        runners = compiled_copies(runners, {base}, args)
+    (runner,) = (r for r in runners if r.name == name)
+    for _ in range(2):
+        runner.step()
+    if not mmap_large_allocations():
+        print("warning: not glibc; peak RSS growth under-counts freed-and-reused memory")
+    measure_memory([runner], args.memory_steps)
+    print(json.dumps({"key": key, "growth": runner.growth}))
+
+
+def memory_in_children(runners: list[Runner], args: argparse.Namespace) -> None:
+    """Fill ``growth`` of every runner from :func:`memory_child` subprocesses."""
+    passthrough = ["--threads", str(args.threads), "--adamw", args.adamw]
+    passthrough += ["--memory-steps", str(args.memory_steps)]
+    for i, r in enumerate(runners, 1):
+        cmd = [sys.executable, __file__, "--memory-child", r.key, *passthrough]
+        if r.name.startswith("joint_unfused_ce"):
+            cmd.append("--unfused-row")
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"memory child {r.key} failed:\n{done.stderr[-3000:]}")
+        r.growth = int(json.loads(done.stdout.strip().splitlines()[-1])["growth"])
+        print(f"  memory {i}/{len(runners)} {r.key}: {r.growth / 2**20:.1f} MB", flush=True)
+
+
 def profile_step(r: Runner, out: Path, tag: str) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -860,14 +903,20 @@ def main() -> None:
         action="store_false",
         help="skip the joint-decoder row that uses logits + causal_lm_loss",
     )
+    p.add_argument("--unfused-row", dest="unfused_row", action="store_true")
     p.add_argument("--no-flop-count", dest="flop_count", action="store_false")
     p.add_argument(
         "--compile",
         default="joint_decoder,cross_attention,moma,moma_loop,llava,mllama",
         help="models also run compiled (random encoder, float32); '' = none",
     )
-    p.add_argument("--memory-steps", type=int, default=3)
+    p.add_argument("--memory-steps", type=int, default=2)
+    p.add_argument("--memory-child", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.memory_child:
+        torch.set_num_threads(args.threads)
+        memory_child(args.memory_child, args)
+        return
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -904,9 +953,8 @@ def main() -> None:
     ceil_end = ceiling(ffn, torch.float32)
     ceil["float32"] = {k: max(v, ceil_end[k]) for k, v in ceil["float32"].items()}
     finished = load_average()
-    if not mmap_large_allocations():
-        print("warning: not glibc; peak RSS growth under-counts freed-and-reused memory")
-    measure_memory(all_runners, args.memory_steps)
+    print(f"peak memory, one child process per model ({len(all_runners)}):")
+    memory_in_children(all_runners, args)
 
     rows = summarize(all_runners, ceil)
     print(

@@ -138,15 +138,29 @@ def test_interleaved_modalities_use_their_own_weights(dispatch: str, qk_norm: bo
     assert not torch.allclose(got, all_text, atol=1e-3)  # the image weights were used
 
 
-def test_missing_modality_ids_default_to_image_prefix() -> None:
-    model = build().eval()
+@pytest.mark.parametrize("dispatch", ["select", "gather"])
+def test_image_prefix_split_equals_explicit_modality_ids(dispatch: str) -> None:
+    """The arch's own contexts carry no ids: each copy runs on its slice of the image-prefix
+    layout; that equals routing explicit ids per position (values and gradients)."""
+    model = build(dispatch=dispatch).train()
     pixels, ids = inputs()
-    with torch.no_grad():
-        embeds, valid = model.encode_images(pixels)
-        ctx = model.strategy.context(embeds, valid, ids)
-        explicit = model.transformer(ids, ctx)
-        implicit = model.transformer(ids, ModalityContext(prefix_embeds=embeds))
-    torch.testing.assert_close(explicit, implicit, atol=0, rtol=0)
+    embeds, valid = model.encode_images(pixels)
+    ctx = model.strategy.context(embeds, valid, ids)
+    assert ctx.modality_ids is None
+    b, p = embeds.shape[:2]
+    explicit_ids = (torch.arange(p + ids.shape[1]) >= p).long()[None].expand(b, -1)
+    got = model.transformer(ids, ctx)
+    want = model.transformer(ids, ModalityContext(prefix_embeds=embeds, modality_ids=explicit_ids))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_got = torch.autograd.grad(got.square().mean(), params, allow_unused=True, retain_graph=True)
+    g_want = torch.autograd.grad(want.square().mean(), params, allow_unused=True)
+    for a, b_ in zip(g_got, g_want, strict=True):
+        if a is None:  # skipped by the split path: the last layer's image output side
+            assert b_ is None or not torch.count_nonzero(b_)
+        else:
+            assert b_ is not None
+            torch.testing.assert_close(a, b_, atol=1e-6, rtol=1e-5)
 
 
 def test_unknown_modality_id_raises() -> None:

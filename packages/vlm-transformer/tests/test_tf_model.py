@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,6 +10,7 @@ from torch import Tensor, nn
 
 from vlm_transformer import (
     DenseTrunk,
+    KVCache,
     ModalityContext,
     Transformer,
     Trunk,
@@ -222,3 +224,71 @@ def test_trunk_is_abstract() -> None:
 def test_gelu_layernorm_variant_runs() -> None:
     m = tiny_model(mlp="gelu", norm_type="layernorm", n_kv_heads=1)
     assert m(torch.randint(0, 64, (2, 4))).shape == (2, 4, 64)
+
+
+class _AllPositionsTrunk(DenseTrunk):
+    """A dense trunk that ignores ``output_from`` (returns every position)."""
+
+    def forward(self, hidden: Tensor, state: TrunkInputs) -> Tensor:
+        return super().forward(hidden, dataclasses.replace(state, output_from=0))
+
+
+class _WrongCountTrunk(DenseTrunk):
+    def forward(self, hidden: Tensor, state: TrunkInputs) -> Tensor:
+        return super().forward(hidden, state)[:, 1:]
+
+
+def _twin(model: Transformer, trunk_cls: type[DenseTrunk]) -> Transformer:
+    twin = Transformer(model.config, trunk_cls(model.config))
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+@pytest.mark.parametrize(
+    ("prefix_len", "trim", "keep"), [(3, None, 0), (3, 1, 0), (0, None, 2), (3, None, 4)]
+)
+def test_output_from_prunes_last_block_without_changing_results(
+    prefix_len: int, trim: int | None, keep: int
+) -> None:
+    model = tiny_model().train()
+    full = _twin(model, _AllPositionsTrunk).train()
+    ids = torch.randint(0, 64, (2, 5))
+    prefix = torch.randn(2, prefix_len, 32) if prefix_len else None
+    ctx = ModalityContext(prefix_embeds=prefix, trim_prefix=trim)
+    rows: list[int] = []
+    last = list(model.trunk.layers.values())[-1]
+    hook = last.mlp.register_forward_hook(lambda _m, args, _o: rows.append(args[0].shape[1]))
+    out = model(ids, ctx, logits_to_keep=keep)
+    hook.remove()
+    ref = full(ids, ctx, logits_to_keep=keep)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    # the last block's MLP saw only the positions that get logits
+    assert rows == [out.shape[1]] and out.shape[1] < prefix_len + 5
+    out.square().mean().backward()
+    ref.square().mean().backward()
+    for (name, a), (_, b) in zip(model.named_parameters(), full.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_output_from_keeps_the_cache_complete() -> None:
+    model = tiny_model()
+    full = _twin(model, _AllPositionsTrunk)
+    ids, nxt = torch.randint(0, 64, (2, 6)), torch.randint(0, 64, (2, 1))
+    caches = []
+    for m in (model, full):
+        cache = KVCache()
+        m(ids, cache=cache, logits_to_keep=1)  # prefill: only the last position is kept
+        caches.append((cache, m(nxt, cache=cache)))
+    (c1, step1), (c2, step2) = caches
+    torch.testing.assert_close(step1, step2, atol=1e-6, rtol=1e-6)
+    for name in model.trunk.layers:
+        k1, k2 = c1.layer(name).k, c2.layer(name).k
+        assert k1 is not None and k2 is not None and k1.shape[2] == 7
+        torch.testing.assert_close(k1, k2)
+
+
+def test_trunk_returning_wrong_position_count_is_named() -> None:
+    model = _twin(tiny_model(), _WrongCountTrunk)
+    with pytest.raises(RuntimeError, match="output_from"):
+        model(torch.randint(0, 64, (1, 4)))
