@@ -43,7 +43,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             g = grad.to(h.dtype)
             torch.mm(g, weight.to(h.dtype), out=grad_h[start : start + chunk])
             if h.dtype == torch.float32:
-                grad_w.addmm_(g.t(), h)  # accumulate in place, no (V, D) temporary
+                # accumulate in place, no (V, D) temporary (out= rather than addmm_,
+                # which torch.utils.flop_counter does not count)
+                torch.addmm(grad_w, g.t(), h, out=grad_w)
             else:
                 grad_w += (g.t() @ h).float()
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
