@@ -84,12 +84,13 @@ the same way), runs two warm-up steps, switches glibc to serve every block of 64
 more with ``mmap`` and to trim the heap on ``free``
 (:func:`peak_rss.mmap_large_allocations`) so that freed tensors leave the RSS at once,
 then reports the RSS growth during one step over the RSS just before it (after
-``gc.collect()`` and ``malloc_trim``), sampled every 0.5 ms by a thread, maximum over
-``--memory-steps`` steps.  Parameters, gradients of the previous step (freed:
-``zero_grad(set_to_none=True)``) and optimizer state exist before the step and are not
-counted; the growth is activations + gradients + temporaries.  (Earlier versions timed
-under the same ``mmap`` setting: page-faulting fresh pages on every allocation added
-40-60% to every model's step time and to the matmul ceiling alike.)
+``gc.collect()`` and ``malloc_trim``; the peak is the kernel's exact high-water mark
+``VmHWM``, reset before the step), maximum over ``--memory-steps`` steps.  Parameters,
+gradients of the previous step (freed: ``zero_grad(set_to_none=True)``) and optimizer
+state exist before the step and are not counted; the growth is activations + gradients
++ temporaries.  (Earlier versions timed under the same ``mmap`` setting: page-faulting
+fresh pages on every allocation added 40-60% to every model's step time and to the
+matmul ceiling alike.)
 
     OMP_NUM_THREADS=2 python benchmarks/bench_vlm.py --out build/bench
     nox -s bench
@@ -918,7 +919,7 @@ def main() -> None:
         default="joint_decoder,cross_attention,moma,moma_loop,llava,mllama",
         help="models also run compiled (random encoder, float32); '' = none",
     )
-    p.add_argument("--memory-steps", type=int, default=2)
+    p.add_argument("--memory-steps", type=int, default=3)
     p.add_argument("--memory-child", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:

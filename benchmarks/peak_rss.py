@@ -1,7 +1,7 @@
-"""Peak resident-set-size sampling shared by the benchmark scripts.
+"""Peak resident-set-size measurement shared by the benchmark scripts.
 
-RSS is read from ``/proc/self/statm`` in a background thread every ``interval``
-seconds while the ``with`` block runs; ``peak`` is the highest value seen (bytes).
+:class:`PeakRSS` reports the highest RSS (bytes) while its ``with`` block runs: the
+kernel's exact high-water mark on Linux, a background thread's samples elsewhere.
 Freed memory must go back to the OS for RSS to track the live tensors: either the
 script re-execs itself with ``MALLOC_MMAP_THRESHOLD_`` lowered, or it calls
 :func:`mmap_large_allocations` once its timing is done (glibc then serves every
@@ -55,12 +55,38 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * _PAGE
 
 
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (``VmHWM``) to the current RSS (Linux:
+    ``echo 5 > /proc/self/clear_refs``); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """The kernel's RSS high-water mark (``VmHWM``) of this process, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
 class PeakRSS:
-    """Context manager sampling the resident set size in a background thread."""
+    """Context manager measuring the peak resident set size of the ``with`` block.
+
+    Exact where the kernel's high-water mark can be reset (Linux: ``VmHWM`` after
+    :func:`reset_peak_rss`); elsewhere sampled by a background thread every
+    ``interval`` seconds (a peak shorter than that can be missed).
+    """
 
     def __init__(self, interval: float = 0.0005) -> None:
         self.interval = interval
         self.peak = 0
+        self.exact = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -71,10 +97,15 @@ class PeakRSS:
 
     def __enter__(self) -> PeakRSS:
         self.peak = rss_bytes()
-        self._thread.start()
+        self.exact = reset_peak_rss()
+        if not self.exact:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        if self.exact:
+            self.peak = max(self.peak, peak_rss_bytes())
+        else:
+            self._stop.set()
+            self._thread.join()
         self.peak = max(self.peak, rss_bytes())
