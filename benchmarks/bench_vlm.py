@@ -867,24 +867,43 @@ def print_table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Left: ours vs each peer, median step time side by side; right: the speed ratio
+    (peer / ours) with 1.0 and the 1.25 target marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [
-        f"{r['model']}\n{r['encoder']}/{'bf16' if r['dtype'] == 'bfloat16' else 'fp32'}"
-        for r in rows
+    pairs = [
+        (row, c)
+        for row in rows
+        if row["side"] == "ours" and not row["model"].startswith("moma_loop")
+        for c in row["comparisons"]
     ]
-    values = [r["median_ms"] for r in rows]
-    colors = ["tab:blue" if r["side"] == "ours" else "tab:orange" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(rows)), 4.5))
-    ax.bar(range(len(rows)), values, color=colors)
-    ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("median training step (ms)")
-    ax.set_title("training step, batch 8, 64 image + 128 text tokens (blue: ours, orange: peer)")
+    labels = [
+        f"{r['model']} vs {c['peer']} ({r['encoder']}, "
+        f"{'bf16' if r['dtype'] == 'bfloat16' else 'fp32'})"
+        for r, c in pairs
+    ]
+    y = range(len(pairs))
+    fig, (ax_t, ax_r) = plt.subplots(
+        1, 2, figsize=(13, 0.32 * len(pairs) + 1.6), sharey=True, width_ratios=[3, 2]
+    )
+    ax_t.barh([i - 0.2 for i in y], [r["median_ms"] for r, _ in pairs], 0.4, label="ours")
+    ax_t.barh([i + 0.2 for i in y], [c["peer_median_ms"] for _, c in pairs], 0.4, label="peer")
+    ax_t.set_yticks(list(y), labels, fontsize=7)
+    ax_t.invert_yaxis()
+    ax_t.set_xlabel("median training step (ms)")
+    ax_t.legend(loc="lower right", fontsize=8)
+    ratios = [c["speedup_vs_peer"] for _, c in pairs]
+    ax_r.barh(list(y), ratios, 0.6, color=["tab:green" if v >= 1 else "tab:red" for v in ratios])
+    for value in (1.0, 1.25):
+        ax_r.axvline(value, color="black", linestyle="-" if value == 1 else "--", linewidth=0.8)
+    ax_r.set_xlabel("speed ratio peer / ours (> 1: ours faster; dashed: 1.25)")
+    ax_r.set_xlim(0.5, max(1.5, max(ratios) + 0.1))
+    fig.suptitle("training step, batch 8, 64 image + 128 text tokens, 2 CPU threads", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
