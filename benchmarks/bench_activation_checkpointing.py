@@ -8,38 +8,33 @@ machine drift hits all of them equally.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_activation_checkpointing.py --threads 2
 
-Memory method (CPU): the script re-executes itself with ``MALLOC_MMAP_THRESHOLD_=65536``
-so glibc serves every tensor larger than 64 KiB with its own ``mmap`` and returns it
-to the OS on free; the resident set size then follows the live tensor bytes.  A
-background thread samples ``/proc/self/statm`` every ~0.2 ms during forward+backward;
-"peak" is the maximum RSS minus the RSS just before the forward (parameters,
-gradients from the previous step and optimizer state are already resident, so the
-number is the activation + temporary memory of one step).  "after fwd" is the RSS
-growth right after the forward (the activations kept for backward).  Step time is the
-median wall time of forward + backward + AdamW step.
+Two passes over the same models.  Timing first, under the default allocator: step
+time is the median wall time of forward + backward + AdamW step.  Then memory: glibc is
+switched to serve every block of 64 KiB or more with its own ``mmap`` and to return it
+on free (:func:`peak_rss.mmap_large_allocations`), so the resident set size follows the
+live tensor bytes; "peak" is the kernel's RSS high-water mark during forward + backward
+(reset just before) minus the RSS just before the forward (parameters, gradients from
+the previous step and optimizer state are already resident, so the number is the
+activation + temporary memory of one step); "after fwd" is the RSS growth right after
+the forward (the activations kept for backward).  Memory is measured after timing
+because page-faulting fresh pages on every allocation slows a step down by tens of
+percent.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
-import os
 import statistics
-import sys
 import time
 
-_ENV_FLAG = "MALLOC_MMAP_THRESHOLD_"
+import torch
+from peak_rss import PeakRSS, malloc_trim, mmap_large_allocations, rss_bytes
 
-if os.environ.get(_ENV_FLAG) is None and __name__ == "__main__":
-    os.environ[_ENV_FLAG] = "65536"
-    os.execv(sys.executable, [sys.executable, *sys.argv])
-
-import torch  # noqa: E402
-from peak_rss import PeakRSS, rss_bytes  # noqa: E402
-
-from vlm_config import JobConfig  # noqa: E402
-from vlm_parallel import apply_activation_checkpointing  # noqa: E402
-from vlm_strategies import build_vlm, causal_lm_loss  # noqa: E402
+from vlm_config import JobConfig
+from vlm_parallel import apply_activation_checkpointing
+from vlm_strategies import build_vlm, causal_lm_loss
 
 MODES = ("none", "selective", "full")
 
@@ -75,6 +70,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6, help="measured steps per mode")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -97,26 +93,41 @@ def main() -> None:
     peaks: dict[str, list[int]] = {m: [] for m in MODES}
     after_fwd: dict[str, list[int]] = {m: [] for m in MODES}
     losses: dict[str, float] = {}
-    for it in range(args.warmup + args.steps):
-        for mode in MODES:
-            model, optimizer = models[mode], optimizers[mode]
-            optimizer.zero_grad(set_to_none=False)  # grads stay resident: not counted
+
+    def step(mode: str, memory: bool) -> None:
+        model, optimizer = models[mode], optimizers[mode]
+        optimizer.zero_grad(set_to_none=False)  # grads stay resident: not counted
+        if memory:
             gc.collect()
-            base = rss_bytes()
-            start = time.perf_counter()
-            with PeakRSS(0.0002) as peak:
-                logits, labels = model(pixels, ids, labels=ids)
-                loss = causal_lm_loss(logits, labels)
-                fwd = rss_bytes() - base
-                loss.backward()
-            optimizer.step()
-            elapsed = time.perf_counter() - start
-            if it >= args.warmup:
-                times[mode].append(elapsed)
-                peaks[mode].append(peak.peak - base)
-                after_fwd[mode].append(fwd)
-            losses[mode] = loss.item()
-            del logits, labels, loss
+            malloc_trim()
+        base = rss_bytes()
+        start = time.perf_counter()
+        with PeakRSS() if memory else contextlib.nullcontext() as peak:
+            logits, labels = model(pixels, ids, labels=ids)
+            loss = causal_lm_loss(logits, labels)
+            fwd = rss_bytes() - base
+            loss.backward()
+        optimizer.step()
+        elapsed = time.perf_counter() - start
+        if memory:
+            assert peak is not None
+            peaks[mode].append(peak.peak - base)
+            after_fwd[mode].append(fwd)
+        else:
+            times[mode].append(elapsed)
+        losses[mode] = loss.item()
+
+    for _ in range(args.warmup + args.steps):  # timing pass
+        for mode in MODES:
+            step(mode, memory=False)
+    for mode in MODES:
+        del times[mode][: args.warmup]
+    mmap_large_allocations()
+    for _ in range(1 + args.memory_steps):  # memory pass (the first step is not counted)
+        for mode in MODES:
+            step(mode, memory=True)
+    for mode in MODES:
+        del peaks[mode][0], after_fwd[mode][0]
 
     mib = 1024 * 1024
     print(
