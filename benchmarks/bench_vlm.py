@@ -402,27 +402,35 @@ def build_runners(
     labels = ids.clone()
     runners: list[Runner] = []
 
-    def add(r: Runner) -> None:
-        runners.append(r)
-
     torch.manual_seed(0)
     joint = build_vlm(job_config({"arch": "joint_decoder"}, group)).train()
     ffn = joint.transformer.config.hidden_dim
     dec_cfg = joint.transformer.config
     hf_dec = to_hf_state_dict(joint.transformer.state_dict(), dec_cfg)
 
+    fused_loss = ours_loss(pixels, ids, labels)
+
+    def add(
+        name: str,
+        side: str,
+        model: nn.Module,
+        forward: Callable[[Any], Tensor],
+        kind: str,
+        peers: tuple[str, ...] = (),
+        moma_ks: list[int] | None = None,
+    ) -> None:
+        """A runner of this group and dtype, with the model FLOPs of ``kind``."""
+        flops = model_flops(kind, group, ffn, moma_ks)
+        runners.append(Runner(name, group, dtype, side, model, forward, flops, peers=peers))
+
     if "joint_decoder" in archs:
         add(
-            Runner(
-                "joint_decoder",
-                group,
-                dtype,
-                "ours",
-                joint,
-                ours_loss(pixels, ids, labels),
-                model_flops("joint_decoder", group, ffn),
-                peers=("llava",),
-            )
+            "joint_decoder",
+            "ours",
+            joint,
+            fused_loss,
+            "joint_decoder",
+            peers=("llava",),
         )
         vcfg = SiglipVisionConfig(**SIGLIP_TOWER, vision_use_head=False)
         lcfg = LlavaConfig(
@@ -470,28 +478,14 @@ def build_runners(
             plain = build_vlm(job_config({"arch": "joint_decoder"}, group)).train()
             plain.load_state_dict(joint.state_dict())
             add(
-                Runner(
-                    "joint_unfused_ce",
-                    group,
-                    dtype,
-                    "ours",
-                    plain,
-                    ours_loss(pixels, ids, labels, fused=False),
-                    model_flops("joint_decoder", group, ffn),
-                    peers=("llava",),
-                )
+                "joint_unfused_ce",
+                "ours",
+                plain,
+                ours_loss(pixels, ids, labels, fused=False),
+                "joint_decoder",
+                peers=("llava",),
             )
-        add(
-            Runner(
-                "llava",
-                group,
-                dtype,
-                "peer",
-                llava,
-                llava_fwd,
-                model_flops("joint_decoder", group, ffn),
-            )
-        )
+        add("llava", "peer", llava, llava_fwd, "joint_decoder")
 
     if "cross_attention" in archs:
         torch.manual_seed(0)
@@ -505,16 +499,12 @@ def build_runners(
         cross.vision_encoder.load_state_dict(joint.vision_encoder.state_dict())
         cross.adapter.load_state_dict(joint.adapter.state_dict())
         add(
-            Runner(
-                "cross_attention",
-                group,
-                dtype,
-                "ours",
-                cross,
-                ours_loss(pixels, ids, labels),
-                model_flops("cross_attention", group, ffn),
-                peers=("mllama",),
-            )
+            "cross_attention",
+            "ours",
+            cross,
+            fused_loss,
+            "cross_attention",
+            peers=("mllama",),
         )
         n_total = LAYERS + LAYERS // CROSS_EVERY
         cross_idx = [i for i in range(n_total) if (i + 1) % (CROSS_EVERY + 1) == 0]
@@ -555,33 +545,12 @@ def build_runners(
         def mllama_fwd(m: Any = peer) -> Tensor:
             return causal_lm_loss(m(pixels, ids), labels)
 
-        add(
-            Runner(
-                "mllama",
-                group,
-                dtype,
-                "peer",
-                peer,
-                mllama_fwd,
-                model_flops("cross_attention", group, ffn),
-            )
-        )
+        add("mllama", "peer", peer, mllama_fwd, "cross_attention")
 
     if "mot" in archs:
         torch.manual_seed(0)
         mot = build_vlm(job_config({"arch": "mot"}, group)).train()
-        add(
-            Runner(
-                "mot",
-                group,
-                dtype,
-                "ours",
-                mot,
-                ours_loss(pixels, ids, labels),
-                model_flops("mot", group, ffn),
-                peers=("llama",),
-            )
-        )
+        add("mot", "ours", mot, fused_loss, "mot", peers=("llama",))
 
     if "moma" in archs:
         from vlm_strategies.archs.moma.experts import MoMaExperts
@@ -598,16 +567,13 @@ def build_runners(
             if loop:
                 patch_moma_loop(moma)
             add(
-                Runner(
-                    "moma_loop" if loop else "moma",
-                    group,
-                    dtype,
-                    "ours",
-                    moma,
-                    ours_loss(pixels, ids, labels),
-                    model_flops("moma", group, ffn, ks),
-                    peers=("moma_loop", "llama") if not loop and args.moma_loop else ("llama",),
-                )
+                "moma_loop" if loop else "moma",
+                "ours",
+                moma,
+                fused_loss,
+                "moma",
+                peers=("moma_loop", "llama") if not loop and args.moma_loop else ("llama",),
+                moma_ks=ks,
             )
 
     if "llama" in archs:
@@ -618,11 +584,7 @@ def build_runners(
         def llama_fwd(m: Any = llama) -> Tensor:
             return causal_lm_loss(m(input_ids=full_ids, use_cache=False).logits, full_ids)
 
-        add(
-            Runner(
-                "llama", group, dtype, "peer", llama, llama_fwd, model_flops("llama", group, ffn)
-            )
-        )
+        add("llama", "peer", llama, llama_fwd, "llama")
 
     for r in runners:
         r.opt = make_optimizer(r.model, args.adamw)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 
 from vlm_config import ModelConfig
 from vlm_transformer.block import DecoderBlock
-from vlm_transformer.cache import KVCache
+from vlm_transformer.cache import KVCache, LayerKVCache
 from vlm_transformer.context import ModalityContext
 from vlm_transformer.init import init_module_tree
 from vlm_transformer.masks import AttentionMask
@@ -81,6 +82,18 @@ class Trunk(nn.Module, abc.ABC):
         """The repeatable units (activation checkpointing / FSDP2 wrap each one)."""
         return list(self.layers.values())
 
+    def layer_calls(
+        self, state: TrunkInputs
+    ) -> Iterator[tuple[nn.Module, LayerKVCache | None, int]]:
+        """Each of ``layers`` in order with its KV-cache slot (``None`` without a cache)
+        and the ``output_from`` it should honour: ``state.output_from`` for the last
+        layer, 0 for the others."""
+        cache = state.cache
+        last = len(self.layers) - 1
+        for i, (name, layer) in enumerate(self.layers.items()):
+            layer_cache = None if cache is None else cache.layer(name)
+            yield layer, layer_cache, state.output_from if i == last else 0
+
     def auxiliary_losses(self) -> dict[str, Tensor]:
         """Extra scalar losses collected during the last forward (MoE balance, z-loss).
         Dense trunks return ``{}``; the training loop adds each (already weighted) term."""
@@ -106,12 +119,6 @@ class DenseTrunk(Trunk):
         self.norm = build_norm(config.norm_type, config.dim, config.norm_eps)
 
     def forward(self, hidden: Tensor, state: TrunkInputs) -> Tensor:
-        cache = state.cache
-        last = len(self.layers) - 1
-        for i, (name, layer) in enumerate(self.layers.items()):
-            layer_cache = None if cache is None else cache.layer(name)
-            if i == last and state.output_from:
-                hidden = layer(hidden, state, layer_cache, output_from=state.output_from)
-            else:
-                hidden = layer(hidden, state, layer_cache)
+        for layer, layer_cache, output_from in self.layer_calls(state):
+            hidden = layer(hidden, state, layer_cache, output_from)
         return self.norm(hidden)

@@ -58,6 +58,7 @@ __all__ = [
     "MoTBlock",
     "MoTNorm",
     "MoTTrunk",
+    "route",
     "route_by_modality",
     "route_by_split",
 ]
@@ -125,6 +126,14 @@ def route_by_modality(
     return result.unflatten(0, lead)
 
 
+def route(x: Tensor, routing: Routing, fns: Sequence[RowFn], dispatch: str = "select") -> Tensor:
+    """:func:`route_by_split` for an int image-prefix length, else
+    :func:`route_by_modality` with ``dispatch`` for ``(B, S)`` modality ids."""
+    if isinstance(routing, int):
+        return route_by_split(x, routing, fns)
+    return route_by_modality(x, routing, fns, dispatch)
+
+
 def _qkv(tower: DecoderBlock, x: Tensor) -> Tensor:
     """``attn_norm -> qkv_proj (-> per-head q_norm / k_norm)`` of one modality copy."""
     a = tower.attn
@@ -177,15 +186,12 @@ class MoTBlock(nn.Module):
         a = self.text.attn
         b, s, _ = x.shape
 
-        def route(
+        def per_tower(
             h: Tensor, fn: Callable[[DecoderBlock, Tensor], Tensor], where: Routing
         ) -> Tensor:
-            fns = [partial(fn, t) for t in towers]
-            if isinstance(where, int):
-                return route_by_split(h, where, fns)
-            return route_by_modality(h, where, fns, self.dispatch)
+            return route(h, where, [partial(fn, t) for t in towers], self.dispatch)
 
-        q, k, v = route(x, _qkv, routing).split([a.q_dim, a.kv_dim, a.kv_dim], dim=-1)
+        q, k, v = per_tower(x, _qkv, routing).split([a.q_dim, a.kv_dim, a.kv_dim], dim=-1)
         q = q.view(b, s, a.n_heads, a.head_dim).transpose(1, 2)
         k = k.view(b, s, a.n_kv_heads, a.head_dim).transpose(1, 2)
         v = v.view(b, s, a.n_kv_heads, a.head_dim).transpose(1, 2)
@@ -197,8 +203,8 @@ class MoTBlock(nn.Module):
         if output_from:
             attn, x = attn[:, output_from:], x[:, output_from:]
         kept = shift_routing(routing, output_from)
-        x = x + route(attn.reshape(b, s - output_from, a.q_dim), _out, kept)
-        return x + route(x, _ffn, kept)
+        x = x + per_tower(attn.reshape(b, s - output_from, a.q_dim), _out, kept)
+        return x + per_tower(x, _ffn, kept)
 
 
 def shift_routing(routing: Routing, start: int) -> Routing:
@@ -221,9 +227,7 @@ class MoTNorm(nn.Module):
         self.text = build_norm(config.norm_type, config.dim, config.norm_eps)
 
     def forward(self, x: Tensor, routing: Routing) -> Tensor:
-        if isinstance(routing, int):
-            return route_by_split(x, routing, [self.image, self.text])
-        return route_by_modality(x, routing, [self.image, self.text], self.dispatch)
+        return route(x, routing, [self.image, self.text], self.dispatch)
 
 
 class MoTTrunk(Trunk):
@@ -247,32 +251,24 @@ class MoTTrunk(Trunk):
         self.norm = MoTNorm(config, dispatch)
 
     @staticmethod
-    def modality_ids(hidden: Tensor, state: TrunkInputs) -> Tensor:
-        """``(B, S)`` long modality id of every position of this forward."""
+    def routing(state: TrunkInputs) -> Routing:
+        """The context's ``(B, S)`` modality ids (checked), or, without them, the
+        image-prefix length ``state.prefix_len``."""
         ctx = state.context
-        if ctx is not None and ctx.modality_ids is not None:
-            ids = ctx.modality_ids
-            if not torch.compiler.is_compiling() and bool(((ids != IMAGE) & (ids != TEXT)).any()):
-                raise ValueError(
-                    f"mot modality_ids must be {IMAGE} (image) or {TEXT} (text), got values "
-                    f"{sorted(set(ids.unique().tolist()))}"
-                )
-            return ids
-        b, s, _ = hidden.shape
-        pos = torch.arange(s, device=hidden.device)
-        return (pos >= state.prefix_len).long()[None, :].expand(b, s)
+        if ctx is None or ctx.modality_ids is None:
+            return state.prefix_len
+        ids = ctx.modality_ids
+        if not torch.compiler.is_compiling() and bool(((ids != IMAGE) & (ids != TEXT)).any()):
+            raise ValueError(
+                f"mot modality_ids must be {IMAGE} (image) or {TEXT} (text), got values "
+                f"{sorted(set(ids.unique().tolist()))}"
+            )
+        return ids
 
     def forward(self, hidden: Tensor, state: TrunkInputs) -> Tensor:
-        ctx = state.context
-        routing: Routing = state.prefix_len
-        if ctx is not None and ctx.modality_ids is not None:
-            routing = self.modality_ids(hidden, state)
-        cache = state.cache
-        last = len(self.layers) - 1
-        for i, (name, layer) in enumerate(self.layers.items()):
-            layer_cache = None if cache is None else cache.layer(name)
-            keep = state.output_from if i == last else 0
-            hidden = layer(hidden, state, layer_cache, routing, keep)
+        routing = self.routing(state)
+        for layer, layer_cache, output_from in self.layer_calls(state):
+            hidden = layer(hidden, state, layer_cache, routing, output_from)
         return self.norm(hidden, shift_routing(routing, state.output_from))
 
 
