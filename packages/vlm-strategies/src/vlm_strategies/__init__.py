@@ -12,7 +12,9 @@ from vlm_strategies.__about__ import __version__
 _LAZY = {
     "ArchImplementation": "vlm_strategies.api",
     "VLMWrapper": "vlm_strategies.wrapper",
+    "IGNORE_INDEX": "vlm_strategies.wrapper",
     "causal_lm_loss": "vlm_strategies.wrapper",
+    "shift_labels": "vlm_strategies.wrapper",
     "build_arch": "vlm_strategies.build",
     "build_vlm": "vlm_strategies.build",
     "build_vlm_from_configs": "vlm_strategies.build",

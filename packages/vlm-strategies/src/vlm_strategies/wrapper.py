@@ -13,7 +13,7 @@ from vlm_strategies.video import FramePositionEmbedding, expand_frame_mask, fold
 from vlm_transformer import Transformer, linear_cross_entropy
 from vlm_transformer import generate as _generate
 
-__all__ = ["VLMWrapper", "causal_lm_loss"]
+__all__ = ["IGNORE_INDEX", "VLMWrapper", "causal_lm_loss", "shift_labels"]
 
 IGNORE_INDEX = -100
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from vlm_strategies.wrapper import IGNORE_INDEX
 from vlm_train.errors import CaptionTooLongError, DataError
 from vlm_train.tokenizer import TextTokenizer
 
@@ -36,7 +37,6 @@ __all__ = [
     "random_shift",
 ]
 
-IGNORE_INDEX = -100
 
 #: PIL images -> float32 ``(B, 3, S, S)`` pixels (the encoder's ``preprocess``)
 Preprocess = Callable[[list[Any]], Tensor]

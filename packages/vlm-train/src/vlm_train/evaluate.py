@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm_train.data import IGNORE_INDEX, ImageTextCollator, ImageTextDataset
+from vlm_strategies.wrapper import IGNORE_INDEX, shift_labels
+from vlm_train.data import ImageTextCollator, ImageTextDataset
 
 __all__ = ["EvalResult", "evaluate", "format_eval"]
 
@@ -132,9 +133,9 @@ def evaluate(
             if compute_loss:
                 with ctx:
                     logits, _ = model(pixels, batch["input_ids"].to(device), None, frame_mask)
-                labels = batch["labels"][:, 1:].to(device)
+                labels = shift_labels(batch["labels"]).to(device)
                 ce = F.cross_entropy(
-                    logits[:, :-1].float().flatten(0, 1),
+                    logits.float().flatten(0, 1),
                     labels.flatten(),
                     ignore_index=IGNORE_INDEX,
                     reduction="none",
