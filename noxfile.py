@@ -4,12 +4,19 @@ Default run (what CI runs): lint, types, one ``tests-<package>`` session per
 package (a fresh venv with only that package, its declared dependencies and its
 ``test`` extra), ``integration`` (everything + fixture plugins, runs ``tests/``)
 and ``build`` (wheel + sdist per package, each wheel installed alone).
+
+Under ``CI`` (set by ``.ci/run``'s caller) every session deletes its venv when it ends:
+each venv holds its own torch, and thirteen of them at once fill a small disk.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import re
+import shutil
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import nox
@@ -30,6 +37,32 @@ def _project(path: Path) -> dict:
 PACKAGES: dict[str, Path] = {
     _project(p.parent)["name"]: p.parent for p in sorted(PACKAGES_DIR.glob("*/pyproject.toml"))
 }
+
+
+def session(*args: object, **kwargs: object) -> Callable[[Callable[[nox.Session], None]], object]:
+    """``nox.session`` that, when the ``CI`` variable is set, deletes the session's venv
+    (with its ``create_tmp()`` folder, where the test sessions point ``TMPDIR``) after
+    the session body, whether it passed or failed."""
+
+    def register(body: Callable[[nox.Session], None]) -> object:
+        @functools.wraps(body)
+        def run(session: nox.Session) -> None:
+            try:
+                body(session)
+            finally:
+                location = getattr(session.virtualenv, "location", None)
+                if os.environ.get("CI") and location:
+                    shutil.rmtree(location, ignore_errors=True)
+
+        return nox.session(*args, **kwargs)(run)  # type: ignore[call-overload]
+
+    return register
+
+
+def test_env(session: nox.Session) -> dict[str, str]:
+    """One thread per process, no hub access, temp files (pytest's, Inductor's cache)
+    inside the session's folder."""
+    return {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TMPDIR": session.create_tmp()}
 
 
 def _req_name(req: str) -> str:
@@ -73,7 +106,7 @@ def install_packages(session: nox.Session, names: list[str], extra: str | None =
     install(session, *specs)
 
 
-@nox.session
+@session()
 def lint(session: nox.Session) -> None:
     """ruff check + ruff format --check over the whole tree."""
     install(session, "ruff>=0.6")
@@ -81,7 +114,7 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", ".")
 
 
-@nox.session
+@session()
 def types(session: nox.Session) -> None:
     """mypy over every package's src/."""
     install_packages(session, list(PACKAGES), extra="hf")
@@ -100,19 +133,19 @@ def _package_tests(session: nox.Session, name: str) -> None:
         "-p",
         "no:cacheprovider",
         *session.posargs,
-        env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+        env=test_env(session),
     )
 
 
 for _name in PACKAGES:
 
-    @nox.session(name=f"tests-{_name}")
+    @session(name=f"tests-{_name}")
     def _tests(session: nox.Session, _pkg: str = _name) -> None:
         """This package alone, with only its declared dependencies."""
         _package_tests(session, _pkg)
 
 
-@nox.session
+@session()
 def integration(session: nox.Session) -> None:
     """Every package (with extras) plus the fixture plugins; runs tests/."""
     install_packages(session, list(PACKAGES), extra="hf")
@@ -126,11 +159,11 @@ def integration(session: nox.Session) -> None:
         "-p",
         "no:cacheprovider",
         *session.posargs,
-        env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+        env=test_env(session),
     )
 
 
-@nox.session
+@session()
 def build(session: nox.Session) -> None:
     """Build a wheel and an sdist per package; install each wheel alone and import it."""
     install(session, "build>=1.2")
@@ -155,7 +188,7 @@ DOCS_REQUIREMENTS = ("mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings-python
 PLUGIN = ROOT / "examples" / "plugins" / "vlm-plugin-resampler"
 
 
-@nox.session
+@session()
 def docs(session: nox.Session) -> None:
     """Build the documentation site strictly (any warning fails).
 
@@ -167,7 +200,7 @@ def docs(session: nox.Session) -> None:
     session.run("mkdocs", "build", "--strict", "--site-dir", str(ROOT / "build" / "site"))
 
 
-@nox.session
+@session()
 def plugin(session: nox.Session) -> None:
     """The example third-party plugin in a fresh venv, as an outside researcher uses it."""
     install_packages(session, list(PACKAGES))
@@ -201,7 +234,7 @@ def plugin(session: nox.Session) -> None:
     session.run("python", str(ROOT / "examples" / "plugins" / "generate_digit.py"), str(out))
 
 
-@nox.session
+@session()
 def bench(session: nox.Session) -> None:
     """Training-step benchmark of every arch vs its Hugging Face peer (not run by default).
 
