@@ -39,30 +39,30 @@ PACKAGES: dict[str, Path] = {
 }
 
 
-def session(*args: object, **kwargs: object) -> Callable[[Callable[[nox.Session], None]], object]:
-    """``nox.session`` that, when the ``CI`` variable is set, deletes the session's venv
-    (with its ``create_tmp()`` folder, where the test sessions point ``TMPDIR``) after
-    the session body, whether it passed or failed."""
+def ci_session(
+    *args: object, **kwargs: object
+) -> Callable[[Callable[[nox.Session], None]], object]:
+    """``nox.session`` whose temp files stay inside the session's folder: nox's
+    ``create_tmp()`` points ``TMPDIR`` there (pip's builds, pytest's folders, Inductor's
+    cache).  When the ``CI`` variable is set, the session's venv, that folder included,
+    is deleted after the session body, whether it passed or failed."""
 
     def register(body: Callable[[nox.Session], None]) -> object:
         @functools.wraps(body)
         def run(session: nox.Session) -> None:
+            session.create_tmp()
             try:
                 body(session)
             finally:
-                location = getattr(session.virtualenv, "location", None)
-                if os.environ.get("CI") and location:
-                    shutil.rmtree(location, ignore_errors=True)
+                if os.environ.get("CI"):
+                    shutil.rmtree(session.virtualenv.location, ignore_errors=True)
 
         return nox.session(*args, **kwargs)(run)  # type: ignore[call-overload]
 
     return register
 
 
-def test_env(session: nox.Session) -> dict[str, str]:
-    """One thread per process, no hub access, temp files (pytest's, Inductor's cache)
-    inside the session's folder."""
-    return {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TMPDIR": session.create_tmp()}
+TEST_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # one thread per process, no hub
 
 
 def _req_name(req: str) -> str:
@@ -106,7 +106,7 @@ def install_packages(session: nox.Session, names: list[str], extra: str | None =
     install(session, *specs)
 
 
-@session()
+@ci_session()
 def lint(session: nox.Session) -> None:
     """ruff check + ruff format --check over the whole tree."""
     install(session, "ruff>=0.6")
@@ -114,7 +114,7 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", ".")
 
 
-@session()
+@ci_session()
 def types(session: nox.Session) -> None:
     """mypy over every package's src/."""
     install_packages(session, list(PACKAGES), extra="hf")
@@ -133,19 +133,19 @@ def _package_tests(session: nox.Session, name: str) -> None:
         "-p",
         "no:cacheprovider",
         *session.posargs,
-        env=test_env(session),
+        env=TEST_ENV,
     )
 
 
 for _name in PACKAGES:
 
-    @session(name=f"tests-{_name}")
+    @ci_session(name=f"tests-{_name}")
     def _tests(session: nox.Session, _pkg: str = _name) -> None:
         """This package alone, with only its declared dependencies."""
         _package_tests(session, _pkg)
 
 
-@session()
+@ci_session()
 def integration(session: nox.Session) -> None:
     """Every package (with extras) plus the fixture plugins; runs tests/."""
     install_packages(session, list(PACKAGES), extra="hf")
@@ -159,11 +159,11 @@ def integration(session: nox.Session) -> None:
         "-p",
         "no:cacheprovider",
         *session.posargs,
-        env=test_env(session),
+        env=TEST_ENV,
     )
 
 
-@session()
+@ci_session()
 def build(session: nox.Session) -> None:
     """Build a wheel and an sdist per package; install each wheel alone and import it."""
     install(session, "build>=1.2")
@@ -188,7 +188,7 @@ DOCS_REQUIREMENTS = ("mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings-python
 PLUGIN = ROOT / "examples" / "plugins" / "vlm-plugin-resampler"
 
 
-@session()
+@ci_session()
 def docs(session: nox.Session) -> None:
     """Build the documentation site strictly (any warning fails).
 
@@ -200,7 +200,7 @@ def docs(session: nox.Session) -> None:
     session.run("mkdocs", "build", "--strict", "--site-dir", str(ROOT / "build" / "site"))
 
 
-@session()
+@ci_session()
 def plugin(session: nox.Session) -> None:
     """The example third-party plugin in a fresh venv, as an outside researcher uses it."""
     install_packages(session, list(PACKAGES))
@@ -234,7 +234,7 @@ def plugin(session: nox.Session) -> None:
     session.run("python", str(ROOT / "examples" / "plugins" / "generate_digit.py"), str(out))
 
 
-@session()
+@ci_session()
 def bench(session: nox.Session) -> None:
     """Training-step benchmark of every arch vs its Hugging Face peer (not run by default).
 
