@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from vlm_strategies.wrapper import IGNORE_INDEX
+from vlm_strategies import IGNORE_INDEX
 from vlm_train.errors import CaptionTooLongError, DataError
 from vlm_train.tokenizer import TextTokenizer
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm_strategies.wrapper import IGNORE_INDEX, shift_labels
+from vlm_strategies import IGNORE_INDEX, shift_labels
 from vlm_train.data import ImageTextCollator, ImageTextDataset
 
 __all__ = ["EvalResult", "evaluate", "format_eval"]
