@@ -20,7 +20,18 @@ from vlm_parallel.checkpoint import (
     restore_rng_state,
 )
 from vlm_parallel.compile import apply_compile, is_compiled
-from vlm_parallel.dist import DistContext, destroy_distributed, init_distributed, resolve_mesh_shape
+from vlm_parallel.dist import (
+    DistContext,
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    destroy_distributed,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_distributed,
+    resolve_mesh_shape,
+)
 from vlm_parallel.fsdp import apply_fsdp, is_sharded, torch_dtype
 
 __all__ = [
@@ -29,17 +40,23 @@ __all__ = [
     "CheckpointManager",
     "DistContext",
     "__version__",
+    "all_reduce_max",
+    "all_reduce_sum",
     "apply_activation_checkpointing",
     "apply_compile",
     "apply_fsdp",
     "attention_like_submodules",
+    "barrier",
     "build_parallel_vlm",
     "capture_rng_state",
     "destroy_distributed",
     "encoder_ever_trainable",
     "export_consolidated",
+    "get_rank",
+    "get_world_size",
     "init_distributed",
     "is_compiled",
+    "is_distributed",
     "is_sharded",
     "load_consolidated",
     "materialize",

@@ -12,7 +12,18 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from vlm_config import ParallelConfig
 
-__all__ = ["DistContext", "destroy_distributed", "init_distributed", "resolve_mesh_shape"]
+__all__ = [
+    "DistContext",
+    "all_reduce_max",
+    "all_reduce_sum",
+    "barrier",
+    "destroy_distributed",
+    "get_rank",
+    "get_world_size",
+    "init_distributed",
+    "is_distributed",
+    "resolve_mesh_shape",
+]
 
 
 @dataclass(frozen=True)
@@ -146,3 +157,50 @@ def destroy_distributed() -> None:
     """Destroy the default process group if one is initialised (no-op otherwise)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------- collectives
+# The one place the toolkit talks to the default process group.  Every helper is a
+# no-op (or the identity) without one, so single-process code never branches.
+
+
+def is_distributed() -> bool:
+    """Whether a default process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """This process's global rank (0 without a process group)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sum of ``values`` over ranks (float64; the identity with one process).
+
+    Every rank must pass a list of the same length.
+    """
+    if not is_distributed():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_reduce_max(value: int) -> int:
+    """The largest ``value`` over ranks (e.g. a stop flag any rank may raise)."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
