@@ -1,4 +1,4 @@
-"""Data, training loop, evaluation and CLI commands of the VLM toolkit.
+"""Data, the Trainer, evaluation and CLI commands of the VLM toolkit.
 
 Importing this package does not import torch (the ``vlm`` CLI loads it to register its
 commands); the names below load on first access.
@@ -13,6 +13,8 @@ _LAZY = {
     "CaptionTooLongError": "vlm_train.errors",
     "DataError": "vlm_train.errors",
     "VLMTrainError": "vlm_train.errors",
+    "ConfigError": "vlm_train.errors",
+    "TrainingInterrupted": "vlm_train.errors",
     "SPECIAL_TOKENS": "vlm_train.tokenizer",
     "TextTokenizer": "vlm_train.tokenizer",
     "IGNORE_INDEX": "vlm_train.data",
@@ -34,8 +36,12 @@ _LAZY = {
     "EvalResult": "vlm_train.evaluate",
     "evaluate": "vlm_train.evaluate",
     "format_eval": "vlm_train.evaluate",
-    "TrainResult": "vlm_train.loop",
-    "build_optimizer": "vlm_train.loop",
+    "SAFE_RESUME_FIELDS": "vlm_train.trainer",
+    "TrainResult": "vlm_train.trainer",
+    "Trainer": "vlm_train.trainer",
+    "build_optimizer": "vlm_train.trainer",
+    "build_scheduler": "vlm_train.trainer",
+    "resume_differences": "vlm_train.trainer",
     "train": "vlm_train.loop",
     "lr_factor": "vlm_train.schedule",
     "plot_loss_curve": "vlm_train.plot",

@@ -1,8 +1,10 @@
 """``vlm train``, ``vlm eval`` and ``vlm generate`` (entry-point group ``vlm.commands``).
 
 The ``register_*`` functions import no torch; the commands import it when they run.
-Bad input (missing / corrupt image, over-long caption or prompt, unknown config key,
-missing checkpoint) gives one ``error: ...`` line on stderr and exit code 1.
+Bad input (missing / corrupt / oversized image, over-long caption or prompt, unknown
+config key, empty config file, a config that cannot resume its run folder or whose model
+cannot be built, missing checkpoint) and failed writes (disk full) give one
+``error: ...`` line on stderr and exit code 1; Ctrl-C gives ``interrupted`` and 130.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
             return _error(str(exc))
         except OSError as exc:
             return _error(f"{exc}")
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+        except KeyboardInterrupt as exc:  # TrainingInterrupted names the saved checkpoint
+            print("; ".join(["interrupted", *filter(None, [str(exc)])]), file=sys.stderr)
             return 130
 
     return run
@@ -54,10 +56,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from vlm_config import load_job_config
 
     job = load_job_config(args.config, args.overrides)
+    from vlm_train.errors import ConfigError
     from vlm_train.evaluate import format_eval
-    from vlm_train.loop import train
+    from vlm_train.trainer import Trainer
 
-    result = train(job)
+    try:
+        with Trainer(job) as trainer:
+            result = trainer.run()
+    except ConfigError as exc:
+        raise ConfigError(f"{args.config}: {exc}") from exc
     if result.interrupted is not None:
         return 128 + result.interrupted if result.interrupted else 0
     import os

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["CaptionTooLongError", "DataError", "VLMTrainError"]
+__all__ = [
+    "CaptionTooLongError",
+    "ConfigError",
+    "DataError",
+    "TrainingInterrupted",
+    "VLMTrainError",
+]
 
 
 class VLMTrainError(Exception):
@@ -15,3 +21,20 @@ class DataError(VLMTrainError, ValueError):
 
 class CaptionTooLongError(DataError):
     """Prompt + caption do not fit ``arch.max_text_len``."""
+
+
+class ConfigError(VLMTrainError, ValueError):
+    """A job config that validates but cannot be used as given: its model cannot be
+    built, or it cannot resume the run already in its ``train.output_dir``.
+
+    ``vlm train`` prefixes the message with the config file's name.
+    """
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A second Ctrl-C arrived while a checkpoint was being saved.
+
+    It is raised only after that save completed; the message names the complete
+    checkpoint (``checkpoint step_000042 is complete``).  ``vlm train`` prints
+    ``interrupted; <message>`` and exits with 130.
+    """

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlm_parallel import all_reduce_sum
 from vlm_strategies import IGNORE_INDEX, shift_labels
 from vlm_train.data import ImageTextCollator, ImageTextDataset
 
@@ -68,16 +69,6 @@ def format_eval(result: EvalResult, split: str = "held-out") -> list[str]:
     for ref, pred in mistakes[:3]:
         lines.append(f"  e.g. expected {ref!r}, generated {pred!r}")
     return lines
-
-
-def _all_reduce(values: list[float], world_size: int) -> list[float]:
-    if world_size == 1:
-        return values
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
 
 
 @torch.no_grad()
@@ -175,7 +166,7 @@ def evaluate(
     for k in keys:
         c, t = by_frames.get(k, [0, 0])
         vec += [float(c), float(t)]
-    vec = _all_reduce(vec, world_size)
+    vec = all_reduce_sum(vec) if world_size > 1 else vec
     frames_out = {
         k: (int(vec[3 + 2 * i]), int(vec[4 + 2 * i]))
         for i, k in enumerate(keys)
