@@ -102,6 +102,25 @@ def test_file_errors(tmp_path: Path, name: str, text: str, needle: str) -> None:
         load_job_config(write(tmp_path / name, text))
 
 
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("empty.toml", ""),
+        ("comments.toml", "# a job config\n\n   # nothing yet\n"),
+        ("empty.yaml", "# only a comment\n"),
+        ("empty.json", ""),
+        ("braces.json", "{}"),
+    ],
+)
+def test_empty_file_is_an_error(tmp_path: Path, name: str, text: str) -> None:
+    path = write(tmp_path / name, text)
+    with pytest.raises(ConfigFileError) as info:
+        load_job_config(path, ["train.steps=5"])  # overrides do not make it a config
+    message = str(info.value)
+    assert message.startswith(f"{path}: the config file is empty")
+    assert "[encoder], [adapter] and [arch]" in message
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigFileError, match="cannot read"):
         load_job_config(tmp_path / "missing.toml")

@@ -25,7 +25,8 @@ class ConfigFileError(ValueError):
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Parse a TOML, YAML or JSON file into a dict (format chosen by suffix).
+    """Parse a TOML, YAML or JSON file into a dict (format chosen by suffix); an empty
+    document (0 bytes, only blanks or comments, YAML ``null``) gives ``{}``.
 
     Raises:
         ConfigFileError: missing/unreadable file, unknown suffix, parse error, or a
@@ -41,6 +42,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigFileError(f"{path}: cannot read: {exc}") from exc
+    if fmt == "json" and not text.strip():
+        return {}
     try:
         if fmt == "toml":
             data: Any = tomllib.loads(text)
@@ -103,10 +106,21 @@ def load_job_config(
     """Load a job config from a file path or a mapping, apply overrides and validate.
 
     Raises:
-        ConfigFileError: see :func:`read_config_file` and :func:`apply_overrides`.
+        ConfigFileError: see :func:`read_config_file` and :func:`apply_overrides`; also
+            a file that holds no settings (0 bytes, only comments, or an empty mapping),
+            which would otherwise silently train a default model.
         pydantic.ValidationError: the content is not a valid job config.
     """
-    data = read_config_file(source) if isinstance(source, (str, Path)) else dict(source)
+    if isinstance(source, (str, Path)):
+        data = read_config_file(source)
+        if not data:
+            raise ConfigFileError(
+                f"{source}: the config file is empty (no settings, only blanks or comments); "
+                "a job needs at least its [encoder], [adapter] and [arch] sections, e.g. "
+                "copy examples/digits/joint_decoder.toml"
+            )
+    else:
+        data = dict(source)
     return JobConfig.model_validate(apply_overrides(data, overrides))
 
 
