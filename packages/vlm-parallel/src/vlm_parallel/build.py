@@ -13,6 +13,7 @@ from vlm_parallel.compile import apply_compile
 from vlm_parallel.dist import DistContext
 from vlm_parallel.fsdp import apply_fsdp
 from vlm_strategies import VLMWrapper, apply_freeze, build_vlm
+from vlm_transformer.hf import load_hf_decoder_weights
 
 __all__ = ["build_parallel_vlm", "encoder_ever_trainable", "materialize"]
 
@@ -82,7 +83,10 @@ def build_parallel_vlm(job: JobConfig, dist: DistContext, seed: int | None = Non
        the shards with ``set_model_state_dict(..., full_state_dict=True,
        broadcast_from_rank0=True)``; buffers (incl. non-persistent rotary tables) are
        copied and broadcast too.  One process loads the same values directly, so a
-       model initialised on N processes equals the single-process one.
+       model initialised on N processes equals the single-process one.  With
+       ``job.model.pretrained`` the rank-0 reference first gets the decoder weights of
+       that Hugging Face folder (:func:`vlm_transformer.hf.load_hf_decoder_weights`,
+       strict), so the shards are filled with them.
     6. The step-0 freeze state of ``job.arch`` is applied; finally every rank reseeds
        with ``seed`` so all ranks leave with the same RNG state.
 
@@ -90,6 +94,10 @@ def build_parallel_vlm(job: JobConfig, dist: DistContext, seed: int | None = Non
         job: the validated job config.
         dist: from :func:`init_distributed`.
         seed: initialisation seed; default ``job.train.seed``.
+
+    Raises:
+        ValueError: ``job.model.pretrained`` weights that do not fit the decoder.
+        FileNotFoundError: ``job.model.pretrained`` names no folder with ``config.json``.
     """
     seed = job.train.seed if seed is None else seed
     torch.manual_seed(seed)
@@ -104,6 +112,8 @@ def build_parallel_vlm(job: JobConfig, dist: DistContext, seed: int | None = Non
     if dist.is_main:
         torch.manual_seed(seed)
         reference = build_vlm(job, init_device="cpu")
+        if job.model.pretrained is not None:
+            load_hf_decoder_weights(reference.transformer, job.model.pretrained)
     if dist.distributed:
         full = reference.state_dict() if reference is not None else {}
         set_model_state_dict(

@@ -1,9 +1,19 @@
-"""Hugging Face Llama interop: config mapping, weight mapping, load and export.
+"""Hugging Face Llama / Mistral interop: config mapping, weight mapping, load and export.
 
-Supported checkpoints: ``model_type == "llama"`` (``LlamaForCausalLM``) with
-``hidden_act == "silu"``, no attention/MLP bias, ``head_dim == hidden_size /
-num_attention_heads``, ``pretraining_tp == 1`` and default RoPE (no ``rope_scaling`` /
-``rope_type == "default"``). Anything else raises ``ValueError`` naming the field.
+Supported checkpoints: ``model_type`` ``"llama"`` (``LlamaForCausalLM``) and
+``"mistral"`` (``MistralForCausalLM``; its ``sliding_window`` caps ``max_seq_len``, so
+attention stays exact) with ``hidden_act == "silu"``, no attention/MLP bias,
+``head_dim == hidden_size / num_attention_heads``, ``pretraining_tp == 1`` and default
+RoPE (no ``rope_scaling`` / ``rope_type == "default"``).  Anything else raises
+``ValueError`` naming the field; Qwen2 is rejected (q/k/v biases, which
+:class:`~vlm_transformer.attention.Attention` does not have).
+
+Loading is strict: every weight in the folder is used (rotary ``inv_freq`` buffers
+aside), every shape is checked, missing / unexpected / mis-shaped weights are one
+``ValueError`` naming them, and a tied or untied LM head is decided by the weights the
+way transformers 5 decides it (:func:`hf_weights_tied`): an ``lm_head.weight`` that
+differs from the embedding is loaded as an untied head even when ``config.json`` says
+``tie_word_embeddings=true``.
 
 Weight-name mapping (``i`` = layer index; ours <- Hugging Face; ``cat`` along dim 0)::
 
@@ -34,19 +44,39 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from vlm_config import ModelConfig
+from vlm_config.model import EMBED_KEY, HEAD_KEY, hf_decoder_fields, read_hf_config
 from vlm_transformer.model import Transformer
 
 __all__ = [
     "config_from_hf",
     "from_hf_state_dict",
     "hf_config_dict",
+    "hf_weights_tied",
+    "load_hf_decoder_weights",
     "load_hf_llama",
+    "read_hf_decoder",
     "save_hf_llama",
     "to_hf_config",
     "to_hf_state_dict",
 ]
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_HEAD, _EMBED = HEAD_KEY, EMBED_KEY
+#: ``ModelConfig`` fields that fix the decoder's architecture (checked on load)
+_ARCH_FIELDS = (
+    "dim",
+    "n_layers",
+    "n_heads",
+    "kv_heads",
+    "vocab_size",
+    "hidden_dim",
+    "mlp",
+    "norm_type",
+    "norm_eps",
+    "rope_theta",
+    "tie_embeddings",
+    "qk_norm",
+)
 
 
 def _get(cfg: Mapping[str, Any] | Any, key: str, default: Any = None) -> Any:
@@ -56,69 +86,42 @@ def _get(cfg: Mapping[str, Any] | Any, key: str, default: Any = None) -> Any:
 
 
 def config_from_hf(hf_config: Mapping[str, Any] | Any, **overrides: Any) -> ModelConfig:
-    """Map a Hugging Face ``LlamaConfig`` (object or ``config.json`` dict) to ``ModelConfig``.
-
-    ``hidden_size -> dim``, ``num_hidden_layers -> n_layers``, ``num_attention_heads ->
-    n_heads``, ``num_key_value_heads -> n_kv_heads``, ``intermediate_size ->
-    ffn_hidden_dim``, ``rms_norm_eps -> norm_eps``, ``rope_theta`` (or
-    ``rope_parameters["rope_theta"]``), ``max_position_embeddings -> max_seq_len``,
-    ``tie_word_embeddings -> tie_embeddings``, ``initializer_range -> init_std``;
-    ``mlp="swiglu"``, ``norm_type="rmsnorm"``. ``overrides`` replace mapped fields.
+    """Map a Hugging Face Llama / Mistral config (object or ``config.json`` dict) to
+    ``ModelConfig`` with :func:`vlm_config.model.hf_decoder_fields` (the one torch-free
+    mapping ``model.pretrained`` also uses). ``overrides`` replace mapped fields.
 
     Raises:
-        ValueError: an unsupported feature (see the module docstring).
+        ValueError: an unsupported model type or feature (see the module docstring).
     """
-    model_type = _get(hf_config, "model_type")
-    if model_type != "llama":
-        raise ValueError(f"only model_type 'llama' is supported, got {model_type!r}")
-    problems = []
-    if _get(hf_config, "hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act={_get(hf_config, 'hidden_act')!r} (need 'silu')")
-    if _get(hf_config, "attention_bias", False):
-        problems.append("attention_bias=True")
-    if _get(hf_config, "mlp_bias", False):
-        problems.append("mlp_bias=True")
-    if _get(hf_config, "pretraining_tp", 1) not in (1, None):
-        problems.append(f"pretraining_tp={_get(hf_config, 'pretraining_tp')}")
-    hidden = int(_get(hf_config, "hidden_size"))
-    heads = int(_get(hf_config, "num_attention_heads"))
-    head_dim = _get(hf_config, "head_dim")
-    if head_dim is not None and int(head_dim) * heads != hidden:
-        problems.append(f"head_dim={head_dim} != hidden_size/num_attention_heads")
-    rope_params = _get(hf_config, "rope_parameters") or {}
-    scaling = _get(hf_config, "rope_scaling")
-    rope_type = (
-        (rope_params or {}).get("rope_type", "default")
-        if isinstance(rope_params, Mapping)
-        else "default"
-    )
-    if scaling and (scaling.get("rope_type", scaling.get("type")) not in ("default", None)):
-        problems.append(f"rope_scaling={scaling}")
-    if rope_type != "default":
-        problems.append(f"rope_type={rope_type!r}")
-    if problems:
-        raise ValueError("unsupported Llama config: " + "; ".join(problems))
-    theta = _get(hf_config, "rope_theta")
-    if theta is None and isinstance(rope_params, Mapping):
-        theta = rope_params.get("rope_theta")
-    fields: dict[str, Any] = {
-        "dim": hidden,
-        "n_layers": int(_get(hf_config, "num_hidden_layers")),
-        "n_heads": heads,
-        "n_kv_heads": _get(hf_config, "num_key_value_heads") or heads,
-        "vocab_size": int(_get(hf_config, "vocab_size")),
-        "ffn_hidden_dim": int(_get(hf_config, "intermediate_size")),
-        "mlp": "swiglu",
-        "norm_type": "rmsnorm",
-        "norm_eps": float(_get(hf_config, "rms_norm_eps", 1e-6)),
-        "max_seq_len": int(_get(hf_config, "max_position_embeddings", 2048)),
-        "rope_theta": float(theta if theta is not None else 10000.0),
-        "tie_embeddings": bool(_get(hf_config, "tie_word_embeddings", False)),
-        "qk_norm": False,
-        "init_std": float(_get(hf_config, "initializer_range", 0.02)),
-    }
+    fields = hf_decoder_fields(hf_config)
     fields.update(overrides)
     return ModelConfig(**fields)
+
+
+def hf_weights_tied(
+    hf_config: Mapping[str, Any] | Any, hf_state: Mapping[str, Tensor], where: str = "weights"
+) -> bool:
+    """Whether the decoder's LM head is tied to its embedding, decided by the weights as
+    transformers 5 decides it (and as :func:`vlm_config.model.resolve_hf_tie` does from
+    safetensors headers): no ``lm_head.weight`` -> tied; an ``lm_head.weight`` equal to
+    the embedding -> as ``tie_word_embeddings`` says; a different one -> untied.
+
+    Raises:
+        ValueError: ``tie_word_embeddings=false`` but no ``lm_head.weight`` in the weights.
+    """
+    by_config = bool(_get(hf_config, "tie_word_embeddings", False))
+    head = hf_state.get(_HEAD)
+    if head is None:
+        if not by_config:
+            raise ValueError(
+                f"{where}: config.json says tie_word_embeddings=false but the weights hold no "
+                f"{_HEAD} (transformers would leave the LM head randomly initialised)"
+            )
+        return True
+    embed = hf_state.get(_EMBED)
+    if not by_config or embed is None:
+        return False
+    return head.shape == embed.shape and bool(torch.equal(head, embed))
 
 
 def hf_config_dict(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
@@ -199,19 +202,23 @@ def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def from_hf_state_dict(hf_state: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     """Map a Hugging Face Llama state dict to ``Transformer`` parameter names (fusing
-    q/k/v and gate/up). ``lm_head.weight`` is ignored when tied, as are
-    ``*rotary_emb.inv_freq`` buffers.
+    q/k/v and gate/up), strictly: ``*rotary_emb.inv_freq`` buffers are the only entries
+    skipped, and with ``config.tie_embeddings`` an ``lm_head.weight`` is accepted only
+    when it equals the embedding (it is the same tensor, saved twice).
 
     Raises:
-        ValueError: listing every missing, unexpected and mis-shaped weight.
+        ValueError: listing every missing, unexpected and mis-shaped weight, or an
+            ``lm_head.weight`` that differs from the embedding of a tied config.
     """
     expected = _expected_shapes(config)
-    state = {
-        k: v
-        for k, v in hf_state.items()
-        if not k.endswith(_IGNORED_SUFFIXES)
-        and not (config.tie_embeddings and k == "lm_head.weight")
-    }
+    state = {k: v for k, v in hf_state.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    if config.tie_embeddings and _HEAD in state:
+        head, embed = state.pop(_HEAD), state.get(_EMBED)
+        if embed is None or head.shape != embed.shape or not torch.equal(head, embed):
+            raise ValueError(
+                f"the weights hold an {_HEAD} that differs from {_EMBED}, but the config ties "
+                "them (tie_embeddings=True); load it untied (tie_embeddings=False)"
+            )
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     misshaped = sorted(
@@ -317,6 +324,33 @@ def _read_weights(folder: Path) -> dict[str, Tensor]:
     )
 
 
+def read_hf_decoder(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``(config.json dict, weights)`` of a local Hugging Face folder (no network).
+
+    Raises:
+        FileNotFoundError: the folder or its ``config.json`` is missing.
+        ValueError: no weights file.
+    """
+    folder = Path(path).expanduser()
+    return read_hf_config(folder), _read_weights(folder)
+
+
+def check_config_matches(config: ModelConfig, expected: ModelConfig, where: str) -> None:
+    """Raise ``ValueError`` naming every architecture field where ``config`` (ours) and
+    ``expected`` (the checkpoint's) differ, and a ``max_seq_len`` above the checkpoint's."""
+    problems = [
+        f"{name} = {getattr(config, name)!r} but {where} has {getattr(expected, name)!r}"
+        for name in _ARCH_FIELDS
+        if getattr(config, name) != getattr(expected, name)
+    ]
+    if config.max_seq_len > expected.max_seq_len:
+        problems.append(
+            f"max_seq_len = {config.max_seq_len} but {where} supports {expected.max_seq_len}"
+        )
+    if problems:
+        raise ValueError("decoder config does not match the checkpoint: " + "; ".join(problems))
+
+
 def load_hf_llama(
     path: str | Path,
     *,
@@ -324,25 +358,74 @@ def load_hf_llama(
     device: torch.device | str = "cpu",
     **config_overrides: Any,
 ) -> Transformer:
-    """Build a :class:`Transformer` from a local Hugging Face Llama folder (no network).
+    """Build a :class:`Transformer` from a local Hugging Face Llama / Mistral folder (no
+    network), strictly (see the module docstring).
 
     The model is constructed on the meta device and the mapped weights are assigned
     directly (no random init pass). ``dtype`` defaults to the checkpoint's dtype.
+    ``tie_embeddings`` comes from the weights (:func:`hf_weights_tied`).
 
     Raises:
-        ValueError: unsupported config, or missing/unexpected/mis-shaped weights.
-        FileNotFoundError: no ``config.json`` in ``path``.
+        ValueError: unsupported config, a tied/untied contradiction, or missing /
+            unexpected / mis-shaped weights.
+        FileNotFoundError: no folder or no ``config.json`` in ``path``.
     """
-    folder = Path(path)
-    hf_cfg = json.loads((folder / "config.json").read_text())
-    config = config_from_hf(hf_cfg, **config_overrides)
-    state = from_hf_state_dict(_read_weights(folder), config)
+    hf_cfg, weights = read_hf_decoder(path)
+    tied = hf_weights_tied(hf_cfg, weights, where=str(path))
+    config = config_from_hf(hf_cfg, **{"tie_embeddings": tied, **config_overrides})
+    state = from_hf_state_dict(weights, config)
     with torch.device("meta"):
         model = Transformer(config)
     state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.rotary.to_empty(device=device)  # buffers off meta; _apply recomputes inv_freq
     return model
+
+
+@torch.no_grad()
+def load_hf_decoder_weights(model: Transformer, path: str | Path) -> list[str]:
+    """Copy the decoder weights of a local Hugging Face Llama / Mistral folder into an
+    existing, materialised ``model`` in place (cast to each parameter's dtype/device).
+
+    ``model.config`` must describe the checkpoint (every architecture field equal,
+    ``tie_embeddings`` as the weights decide it, ``max_seq_len`` no larger); every
+    checkpoint weight must land on a parameter of ``model`` with the same name and shape.
+    Parameters the arch's trunk adds on top of the dense layout (e.g. cross-attention
+    blocks) are left as they are and returned.
+
+    Returns:
+        The sorted state-dict keys of ``model`` that the checkpoint did not provide.
+
+    Raises:
+        ValueError: a config mismatch (naming both values), a tied/untied contradiction,
+            missing / unexpected / mis-shaped weights, or checkpoint weights that find no
+            parameter in ``model`` (a trunk without the dense layer names, e.g. ``mot``).
+        FileNotFoundError: no folder or no ``config.json``.
+    """
+    folder = Path(path).expanduser()
+    hf_cfg, weights = read_hf_decoder(folder)
+    tied = hf_weights_tied(hf_cfg, weights, where=str(folder))
+    expected = config_from_hf(hf_cfg, tie_embeddings=tied)
+    check_config_matches(model.config, expected, str(folder))
+    mapped = from_hf_state_dict(weights, model.config)
+    target = model.state_dict()
+    unused = sorted(k for k in mapped if k not in target)
+    if unused:
+        raise ValueError(
+            f"{folder}: the decoder has no parameter for {len(unused)} checkpoint weights "
+            f"(e.g. {', '.join(unused[:3])}): its trunk does not use the dense Llama layout"
+        )
+    misshaped = sorted(
+        f"{k}: model {tuple(target[k].shape)}, checkpoint {tuple(v.shape)}"
+        for k, v in mapped.items()
+        if target[k].shape != v.shape
+    )
+    if misshaped:
+        raise ValueError(f"{folder}: mis-shaped weights: {misshaped}")
+    for key, value in mapped.items():
+        target[key].copy_(value)
+    buffers = {name for name, _ in model.named_buffers()}
+    return sorted(k for k in target if k not in mapped and k not in buffers)
 
 
 def save_hf_llama(model: Transformer, path: str | Path) -> Path:
