@@ -163,6 +163,36 @@ def test_files_dataset_and_image_errors(tmp_path: Path) -> None:
         FilesDataset(tmp_path / "bad.jsonl", fake_preprocess)
 
 
+def test_truncated_image_is_a_data_error(tmp_path: Path) -> None:
+    images, _ = digit_images(np.arange(1))
+    for suffix in ("png", "jpeg"):
+        full = tmp_path / f"full.{suffix}"
+        images[0].resize((64, 64)).save(full)
+        cut = tmp_path / f"cut.{suffix}"
+        data = full.read_bytes()
+        cut.write_bytes(data[: len(data) // 2])
+        assert load_image(full).size == (64, 64)
+        with pytest.raises(DataError) as info:
+            load_image(cut)
+        assert str(info.value).startswith(f"cannot read image {cut}: the file is truncated")
+
+
+def test_decompression_bomb_is_a_data_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import Image
+
+    images, _ = digit_images(np.arange(1))
+    path = tmp_path / "big.png"
+    images[0].resize((64, 64)).save(path)  # 4096 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # errors above 2000
+    with pytest.raises(DataError) as info:
+        load_image(path)
+    message = str(info.value)
+    assert message.startswith(f"cannot read image {path}: too large to decode safely")
+    assert "4096 pixels" in message and "MAX_IMAGE_PIXELS = 1000" in message
+
+
 def test_sampler_curriculum_short_samples_first() -> None:
     lengths = [1, 2, 3, 4] * 5
     s = GlobalBatchSampler(20, 8, seed=0, lengths=lengths, curriculum_steps=8)

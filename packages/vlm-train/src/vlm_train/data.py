@@ -104,12 +104,14 @@ def random_shift(
 
 
 def load_image(path: str | Path) -> Any:
-    """Open an image file with PIL as RGB.
+    """Open an image file with PIL as RGB (fully decoded before it is returned).
 
     Raises:
-        DataError: the file is missing or is not a readable image.
+        DataError: the file is missing, is not a readable image, is truncated, or has
+            more pixels than Pillow's decompression-bomb limit
+            (``2 * PIL.Image.MAX_IMAGE_PIXELS``); the message names the file.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     path = Path(path)
     if not path.is_file():
@@ -118,7 +120,20 @@ def load_image(path: str | Path) -> Any:
         with Image.open(path) as image:
             image.load()
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise DataError(
+            f"cannot read image {path}: too large to decode safely: {exc} "
+            f"(Pillow's PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}; raise it "
+            "only for images you trust)"
+        ) from exc
+    except OSError as exc:  # incl. UnidentifiedImageError: not an image format PIL knows
+        if "truncated" in str(exc):
+            raise DataError(
+                f"cannot read image {path}: the file is truncated (incomplete copy or "
+                f"download?): {exc}"
+            ) from exc
+        raise DataError(f"cannot read image {path}: {exc}") from exc
+    except (ValueError, SyntaxError) as exc:  # malformed headers
         raise DataError(f"cannot read image {path}: {exc}") from exc
 
 
