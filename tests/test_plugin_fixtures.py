@@ -65,3 +65,25 @@ def test_broken_plugin_strict_mode() -> None:
     result = vlm("plugins", "--strict")
     assert result.returncode == 1
     assert "failed to load" in result.stderr
+
+
+def test_plugin_built_for_another_core_is_marked_not_fatal(tmp_path: Path) -> None:
+    """vlm-fixture-future requires vlm-config>=0.2,<0.3 (installed with --no-deps)."""
+    import vlm_config
+
+    result = vlm("plugins")
+    assert result.returncode == 0, result.stderr
+    table = rows(result.stdout)
+    future = table[("vlm.adapters", "fixture_future")]
+    assert "vlm-fixture-future" in future and "vlm-config>=0.2,<0.3" in future
+    assert (
+        f"incompatible: needs vlm-config>=0.2,<0.3, installed {vlm_config.__version__}" in future
+    )
+    assert "ImportError" not in future  # judged from metadata: its module is never imported
+    good = table[("vlm.adapters", "fixture_pool")]
+    assert "vlm-config>=0.1,<0.2" in good and "loaded" in good
+    cfg = tmp_path / "job.json"
+    cfg.write_text('{"adapter": {"type": "fixture_future"}}')
+    bad = vlm("validate", str(cfg))
+    assert bad.returncode == 1
+    assert "from vlm-fixture-future 0.0.4 is incompatible: it needs vlm-config>=0.2" in bad.stderr

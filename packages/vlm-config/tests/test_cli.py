@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import vlm_config
 from vlm_config.cli import main
 
 from .test_files import TOML
@@ -52,6 +53,51 @@ def test_plugins_table_runs(registered: object, capsys: pytest.CaptureFixture[st
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     assert "test_stride" in out and "<in-process>" in out
+    assert out.splitlines()[0].split() == [
+        "group", "name", "distribution", "version", "requires", "status", "error"
+    ]  # fmt: skip
+
+
+def test_plugins_table_marks_incompatible(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vlm_config import get_registry
+
+    from .test_registry import make_dist
+
+    for dist, spec in (("cli-future", "vlm-config<0.3,>=0.2"), ("cli-now", "vlm-config>=0.1")):
+        module = dist.replace("-", "_") + "_mod"
+        name = dist.replace("-", "_")
+        make_dist(
+            tmp_path,
+            dist,
+            "1.0.0",
+            f"[vlm.adapters]\n{name} = {module}:Config\n",
+            {
+                module: "from typing import Literal\nfrom vlm_config import AdapterConfig\n"
+                f"class Config(AdapterConfig):\n    type: Literal['{name}'] = '{name}'\n"
+            },
+            requires=(spec,),
+        )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = get_registry()
+    registry.refresh()
+    try:
+        assert main(["plugins"]) == 0  # listed, not an error
+        rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines()[2:]}
+        installed = vlm_config.__version__
+        assert (
+            f"vlm-config>=0.2,<0.3  incompatible: needs vlm-config>=0.2,<0.3, installed {installed}"
+            in rows["cli_future"]
+        )
+        assert "vlm-config>=0.1" in rows["cli_now"] and rows["cli_now"].rstrip().endswith("loaded")
+        assert main(["plugins", "--check"]) == 1
+        assert main(["plugins", "--strict"]) == 1
+        assert "cli_future" in capsys.readouterr().err
+    finally:
+        registry.strict = False
+        monkeypatch.undo()
+        registry.refresh()
 
 
 NO_TORCH = """
@@ -67,6 +113,7 @@ for group, cls in TEST_CLASSES:
     reg.register(group, cls, replace=True)
 job = load_job_config(base_job(), ["model.dim=128"])
 assert job.model.dim == 128
+import vlm_config
 from vlm_config.cli import main
 main(["schema"])
 print("torch imported:", "torch" in sys.modules)

@@ -7,17 +7,26 @@ from pathlib import Path
 
 import pytest
 
+import vlm_config
 from vlm_config import AdapterConfig, PluginError, PluginRegistry
+from vlm_config.registry import core_requirement
 
 from .conftest import StrideAdapterConfig
 
 
 def make_dist(
-    root: Path, dist: str, version: str, entry_points: str, modules: dict[str, str]
+    root: Path,
+    dist: str,
+    version: str,
+    entry_points: str,
+    modules: dict[str, str],
+    requires: tuple[str, ...] = (),
 ) -> None:
     info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
     info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    lines = ["Metadata-Version: 2.1", f"Name: {dist}", f"Version: {version}"]
+    lines += [f"Requires-Dist: {req}" for req in requires]
+    (info / "METADATA").write_text("\n".join(lines) + "\n")
     (info / "entry_points.txt").write_text(textwrap.dedent(entry_points))
     for name, code in modules.items():
         (root / f"{name}.py").write_text(textwrap.dedent(code))
@@ -159,3 +168,49 @@ def test_in_process_registration() -> None:
         registry.register("encoders", StrideAdapterConfig)
     registry.unregister("adapters", "test_stride")
     assert "test_stride" not in registry.names("adapters")
+
+
+def test_core_requirement_from_metadata() -> None:
+    installed = vlm_config.__version__
+    assert core_requirement(None) == ("", None)
+    assert core_requirement(["pydantic>=2"]) == ("", None)
+    assert core_requirement(["vlm-config"]) == ("any", None)
+    assert core_requirement([f"VLM_Config=={installed}"]) == (f"=={installed}", None)
+    # lower bound first whatever order the metadata has; only the default requirement counts
+    assert core_requirement(["vlm-config<0.2,>=0.1"]) == (">=0.1,<0.2", None)
+    assert core_requirement(['vlm-config>=9; extra == "dev"']) == ("", None)
+    spec, problem = core_requirement(["vlm-config<0.3,>=0.2"])
+    assert spec == ">=0.2,<0.3"
+    assert problem == f"needs vlm-config>=0.2,<0.3, installed {installed}"
+
+
+def test_incompatible_plugin_reported_not_imported(plugin_path: Path) -> None:
+    import importlib
+    import sys
+
+    make_dist(
+        plugin_path,
+        "reg-future",
+        "0.9.0",
+        """
+        [vlm.adapters]
+        future = reg_future_mod:FutureConfig
+        """,
+        {"reg_future_mod": "raise RuntimeError('imported although incompatible')\n"},
+        requires=("vlm-config<0.3,>=0.2", "pydantic>=2"),
+    )
+    importlib.invalidate_caches()
+    registry = PluginRegistry()
+    future = next(e for e in registry.entries("adapters") if e.name == "future")
+    good = next(e for e in registry.entries("adapters") if e.name == "triple")
+    assert future.core_range == ">=0.2,<0.3" and good.core_range == ""
+    expected = f"incompatible: needs vlm-config>=0.2,<0.3, installed {vlm_config.__version__}"
+    assert future.status == expected
+    with pytest.raises(PluginError, match=r"'future' from reg-future 0.9.0 is incompatible"):
+        registry.load("adapters", "future")
+    usable = registry.load_all("adapters")  # the others keep working
+    assert "future" not in usable and "triple" in usable
+    assert "reg_future_mod" not in sys.modules  # never imported
+    assert future.status == expected and future.error is None
+    with pytest.raises(PluginError, match=r"future.*incompatible: it needs vlm-config>=0.2"):
+        PluginRegistry(strict=True).load("adapters", "future")

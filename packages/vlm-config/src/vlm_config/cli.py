@@ -19,7 +19,14 @@ from pydantic import ValidationError
 
 from vlm_config.files import ConfigFileError, dump_toml, load_job_config
 from vlm_config.job import JobConfig
-from vlm_config.registry import PluginError, PluginRegistry, get_registry
+from vlm_config.registry import (
+    CORE_DISTRIBUTION,
+    IN_PROCESS,
+    PluginEntry,
+    PluginError,
+    PluginRegistry,
+    get_registry,
+)
 
 
 def format_validation_error(exc: ValidationError) -> list[str]:
@@ -31,15 +38,36 @@ def format_validation_error(exc: ValidationError) -> list[str]:
     return lines
 
 
+def _requires(entry: PluginEntry) -> str:
+    if entry.distribution == IN_PROCESS:
+        return ""
+    if not entry.core_range:
+        return "-"  # the distribution does not declare vlm-config
+    if entry.core_range == "any":
+        return CORE_DISTRIBUTION
+    return f"{CORE_DISTRIBUTION}{entry.core_range}"
+
+
 def plugins_table(registry: PluginRegistry) -> list[list[str]]:
-    rows = [["group", "name", "distribution", "version", "status", "error"]]
+    """One row per plugin: where it comes from, the vlm-config range its distribution
+    declares, and its status (``loaded``, ``broken``, ``duplicate`` or
+    ``incompatible: needs ...``); an incompatible plugin is not imported."""
+    rows = [["group", "name", "distribution", "version", "requires", "status", "error"]]
     for entry in registry.entries():
         registry._ensure_loaded(entry)
         error = entry.error or ""
         if entry.duplicates:
             error = f"also claimed by {', '.join(entry.duplicates)}"
         rows.append(
-            [entry.group, entry.name, entry.distribution, entry.version, entry.status, error]
+            [
+                entry.group,
+                entry.name,
+                entry.distribution,
+                entry.version,
+                _requires(entry),
+                entry.status,
+                error,
+            ]
         )
     return rows
 
@@ -63,7 +91,8 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(render_table(rows))
-    bad = [r for r in rows[1:] if r[4] in ("broken", "duplicate")]
+    status = rows[0].index("status")
+    bad = [r for r in rows[1:] if r[status].startswith(("broken", "duplicate", "incompatible"))]
     return 1 if (args.check and bad) else 0
 
 
@@ -94,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="list installed encoders, adapters and archs")
     p.add_argument("--strict", action="store_true", help="fail on the first broken plugin")
-    p.add_argument("--check", action="store_true", help="exit 1 if any plugin is broken")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 if any plugin is broken, duplicated or incompatible with this vlm-config",
+    )
     p.set_defaults(func=_cmd_plugins)
 
     p = sub.add_parser("validate", help="validate a job config and print it resolved")

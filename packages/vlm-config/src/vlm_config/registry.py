@@ -6,6 +6,11 @@ recorded as *broken* with its distribution, version and error, and the rest
 keep working (``strict=True`` raises instead).  Two distributions claiming one
 name make that name an error naming both.  Tests and notebooks may register a
 class in-process with :meth:`PluginRegistry.register`.
+
+Each entry also carries the range of ``vlm-config`` its distribution declares (read from
+the distribution's ``Requires-Dist`` metadata, never by importing it).  A plugin whose
+range excludes the installed ``vlm-config`` is *incompatible*: it is listed with what it
+needs, not imported, and the other plugins keep working.
 """
 
 from __future__ import annotations
@@ -16,6 +21,12 @@ import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
+from packaging.markers import UndefinedComparison, UndefinedEnvironmentName
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
+
+from vlm_config.__about__ import __version__ as CORE_VERSION
 from vlm_config.components import AdapterConfig, ArchConfig, ComponentConfig, EncoderConfig
 
 GroupName = Literal["vlm.encoders", "vlm.adapters", "vlm.archs"]
@@ -27,6 +38,7 @@ GROUP_BASES: dict[str, type[ComponentConfig]] = {
 }
 SHORT_GROUPS = {"encoders": "vlm.encoders", "adapters": "vlm.adapters", "archs": "vlm.archs"}
 IN_PROCESS = "<in-process>"
+CORE_DISTRIBUTION = "vlm-config"
 
 
 class PluginError(LookupError):
@@ -45,11 +57,18 @@ class PluginEntry:
     loaded: type[ComponentConfig] | None = None
     error: str | None = None
     duplicates: list[str] = field(default_factory=list)
+    core_range: str = ""
+    """The ``vlm-config`` specifier the distribution declares (``>=0.1,<0.2``); empty when
+    it declares none (or for in-process registrations)."""
+    incompatible: str | None = None
+    """Why the installed ``vlm-config`` is outside :attr:`core_range`, if it is."""
 
     @property
     def status(self) -> str:
         if self.duplicates:
             return "duplicate"
+        if self.incompatible is not None:
+            return f"incompatible: {self.incompatible}"
         if self.error is not None:
             return "broken"
         return "loaded" if self.loaded is not None else "not loaded"
@@ -64,6 +83,46 @@ def _dist_of(ep: md.EntryPoint) -> tuple[str, str]:
     if dist is None:
         return "<unknown>", ""
     return dist.metadata["Name"] or "<unknown>", dist.version or ""
+
+
+def core_requirement(requires: list[str] | None) -> tuple[str, str | None]:
+    """``(range, problem)`` for a distribution's ``Requires-Dist`` lines.
+
+    ``range`` is the specifier it puts on ``vlm-config`` (``""`` if none, ``"any"`` if
+    unversioned); ``problem`` says why the installed ``vlm-config`` is outside it (``None``
+    when inside, or when the metadata cannot be read: that is not this check's business).
+    Requirements that apply only to an extra are ignored."""
+    core = canonicalize_name(CORE_DISTRIBUTION)
+    for line in requires or []:
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if canonicalize_name(req.name) != core:
+            continue
+        try:
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+        except (UndefinedComparison, UndefinedEnvironmentName):
+            continue
+        # lower bounds first, as people write ranges (the metadata sorts them by text)
+        ordered = sorted(req.specifier, key=lambda sp: (sp.operator.startswith("<"), str(sp)))
+        spec = ",".join(str(sp) for sp in ordered)
+        if not spec:
+            return "any", None
+        try:
+            installed = Version(CORE_VERSION)
+        except InvalidVersion:
+            return spec, None
+        if req.specifier.contains(installed, prereleases=True):
+            return spec, None
+        return spec, f"needs {CORE_DISTRIBUTION}{spec}, installed {CORE_VERSION}"
+    return "", None
+
+
+def _core_of(ep: md.EntryPoint) -> tuple[str, str | None]:
+    dist = getattr(ep, "dist", None)
+    return core_requirement(dist.requires if dist is not None else None)
 
 
 class PluginRegistry:
@@ -102,6 +161,7 @@ class PluginRegistry:
                         continue
                     seen.add(key)
                     entry = PluginEntry(group, ep.name, ep.value, dist, version)
+                    entry.core_range, entry.incompatible = _core_of(ep)
                     current = entries[group].get(ep.name)
                     if current is None:
                         entries[group][ep.name] = entry
@@ -141,7 +201,8 @@ class PluginRegistry:
 
         Raises:
             PluginError: unknown name (lists the installed ones), duplicate name
-                (names both distributions), broken plugin, or a class that does not
+                (names both distributions), broken plugin, a plugin whose distribution
+                requires another ``vlm-config`` than the installed one, or a class that does not
                 subclass the group's base or whose discriminator default differs from
                 ``name``.
         """
@@ -157,6 +218,12 @@ class PluginRegistry:
                 f"{group} plugin name {name!r} is claimed by more than one distribution: "
                 f"{entry.origin} and {', '.join(entry.duplicates)}; uninstall one of them"
             )
+        if entry.incompatible is not None:
+            raise PluginError(
+                f"{group} plugin {name!r} from {entry.origin} is incompatible: it "
+                f"{entry.incompatible}; install a release of {entry.distribution} made for "
+                f"this {CORE_DISTRIBUTION}, or a {CORE_DISTRIBUTION} in its range"
+            )
         if entry.loaded is None:
             raise PluginError(
                 f"{group} plugin {name!r} from {entry.origin} is broken: {entry.error}"
@@ -165,6 +232,13 @@ class PluginRegistry:
 
     def _ensure_loaded(self, entry: PluginEntry) -> None:
         if entry.loaded is not None or entry.error is not None:
+            return
+        if entry.incompatible is not None:  # never import code built for another core
+            if self.strict:
+                raise PluginError(
+                    f"{entry.group} plugin {entry.name!r} from {entry.origin} is "
+                    f"incompatible: it {entry.incompatible}"
+                )
             return
         try:
             obj = md.EntryPoint(entry.name, entry.target, entry.group).load()
