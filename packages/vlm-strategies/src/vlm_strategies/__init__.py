@@ -2,6 +2,8 @@
 
 Importing this package does not import torch: the arch config modules (torch-free,
 loaded by the plugin registry) live under it, so torch-side names load lazily.
+
+:mod:`vlm_strategies.testing` is the conformance kit an arch author runs on an arch.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from vlm_strategies.__about__ import __version__
 
 _LAZY = {
     "ArchImplementation": "vlm_strategies.api",
+    "PrefixArchImplementation": "vlm_strategies.api",
     "VLMWrapper": "vlm_strategies.wrapper",
     "IGNORE_INDEX": "vlm_strategies.wrapper",
     "causal_lm_loss": "vlm_strategies.wrapper",

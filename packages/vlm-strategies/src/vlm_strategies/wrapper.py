@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from vlm_strategies.api import ArchImplementation
 from vlm_strategies.video import FramePositionEmbedding, expand_frame_mask, fold_frames
-from vlm_transformer import Transformer, linear_cross_entropy
+from vlm_transformer import KVCache, ModalityContext, Transformer, linear_cross_entropy
 from vlm_transformer import generate as _generate
 
 __all__ = ["IGNORE_INDEX", "VLMWrapper", "causal_lm_loss", "shift_labels"]
@@ -97,6 +97,7 @@ class VLMWrapper(nn.Module):
             else None
         )
         self.encoder_frozen = False
+        self._image_memo: _ImageMemo | None = None
         self.refresh_frozen_state()
 
     # ------------------------------------------------------------------ shapes
@@ -160,10 +161,23 @@ class VLMWrapper(nn.Module):
             tokens are zeroed) and their ``(B, F*M)`` validity, or ``None`` without a
             ``frame_mask``.
 
+        Within :meth:`generate` the result for the call's own ``pixel_values`` and
+        ``frame_mask`` is computed once and reused.
+
         Raises:
             ValueError: wrong rank, a frame count other than ``frames_per_clip``, or a
                 malformed ``frame_mask``.
         """
+        memo = self._image_memo
+        if memo is not None and memo.matches(pixel_values, frame_mask):
+            if memo.value is None:
+                memo.value = self._encode_images(pixel_values, frame_mask)
+            return memo.value
+        return self._encode_images(pixel_values, frame_mask)
+
+    def _encode_images(
+        self, pixel_values: Tensor, frame_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
         batch = pixel_values.shape[0]
         folded, frames = fold_frames(pixel_values, self.frames_per_clip)
         if self.encoder_frozen:
@@ -261,48 +275,90 @@ class VLMWrapper(nn.Module):
         *,
         frame_mask: Tensor | None = None,
         max_new_tokens: int = 16,
+        use_cache: bool | None = None,
         **kwargs: Any,
     ) -> Tensor:
-        """Encode the images once, prefill, then decode.
+        """Encode the images once, prefill through the arch's ``prepare``, then decode.
 
-        Archs with ``incremental_decoding`` decode with a KV cache; the others (non-causal
-        routing) recompute the full sequence every step, which gives exactly the tokens of
-        greedy decoding by full recomputation.  ``kwargs`` go to
-        :func:`vlm_transformer.generate` (``temperature``, ``top_k``, ``top_p``,
-        ``eos_token_id``, ``attention_mask`` for left-padded prompts, ...).
+        With the KV cache (archs with ``incremental_decoding``, the default for them)
+        each step feeds the new token with the arch's ``decode_context``; without it
+        (``use_cache=False``, or a non-causal arch) every step recomputes the whole
+        sequence through ``prepare`` (the training-time forward), which gives exactly
+        the tokens of greedy decoding by full recomputation.  Either way the images are
+        encoded once: ``encode_images`` is memoised for this call's ``pixel_values`` and
+        ``frame_mask``.
+
+        Args:
+            pixel_values: ``(B,3,H,W)`` images or ``(B,F,3,H,W)`` clips.
+            prompt_ids: ``(B,S)`` long prompts (left-padded with ``attention_mask``).
+            frame_mask: ``(B,F)`` bool, True = real frame.
+            max_new_tokens: upper bound on new tokens.
+            use_cache: ``None`` (default) = the KV cache when the arch supports it;
+                ``False`` = full recomputation; ``True`` = the KV cache (an error for
+                archs with ``incremental_decoding = False``).
+            kwargs: to :func:`vlm_transformer.generate` (``temperature``, ``top_k``,
+                ``top_p``, ``eos_token_id``, ``pad_token_id``, ``attention_mask`` for
+                left-padded prompts, ``generator``).
 
         Returns:
             ``(B, S + T)`` long: prompts followed by the new tokens.
+
+        Raises:
+            ValueError: ``use_cache=True`` for an arch that cannot decode incrementally.
+            TypeError: ``context`` or ``decode_context_fn`` in ``kwargs`` (the arch
+                provides them).
         """
+        strategy = self.strategy
+        arch = type(strategy).__qualname__
+        if use_cache and not strategy.incremental_decoding:
+            raise ValueError(
+                f"{arch} sets incremental_decoding = False (it cannot decode with a KV "
+                "cache): generate with use_cache=None or False (full recomputation)"
+            )
+        for name in ("context", "decode_context_fn"):
+            if name in kwargs:
+                raise TypeError(
+                    f"VLMWrapper.generate builds {name} from the arch ({arch}); do not pass it"
+                )
+        cached = strategy.incremental_decoding if use_cache is None else use_cache
         was_training = self.training
         self.eval()
+        self._image_memo = _ImageMemo(pixel_values, frame_mask)
         try:
-            embeds, valid = self.encode_images(pixel_values, frame_mask)
-            strategy = self.strategy
-            context = strategy.context(embeds, valid, prompt_ids)
-            if strategy.incremental_decoding:
-                return _generate(
-                    self.transformer,
-                    prompt_ids,
-                    max_new_tokens=max_new_tokens,
-                    context=context,
-                    decode_context_fn=lambda _step, new, cache: strategy.decode_context(
-                        embeds,
-                        valid,
-                        new,
-                        cache,  # type: ignore[arg-type]
-                    ),
-                    use_cache=True,
-                    **kwargs,
-                )
+            context = strategy.prepare(self, pixel_values, prompt_ids, frame_mask)
+
+            def cached_step(
+                _step: int, new: Tensor, cache: KVCache | None
+            ) -> ModalityContext | None:
+                assert cache is not None
+                embeds, valid = self.encode_images(pixel_values, frame_mask)
+                return strategy.decode_context(embeds, valid, new, cache)
+
+            def recompute_step(_step: int, ids: Tensor, _cache: KVCache | None) -> ModalityContext:
+                return strategy.prepare(self, pixel_values, ids, frame_mask)
+
             return _generate(
                 self.transformer,
                 prompt_ids,
                 max_new_tokens=max_new_tokens,
                 context=context,
-                decode_context_fn=lambda _step, ids, _cache: strategy.context(embeds, valid, ids),
-                use_cache=False,
+                decode_context_fn=cached_step if cached else recompute_step,
+                use_cache=cached,
                 **kwargs,
             )
         finally:
+            self._image_memo = None
             self.train(was_training)
+
+
+class _ImageMemo:
+    """``encode_images``' result for one ``(pixel_values, frame_mask)`` pair (by
+    identity), kept for the duration of one :meth:`VLMWrapper.generate`."""
+
+    def __init__(self, pixel_values: Tensor, frame_mask: Tensor | None) -> None:
+        self.pixel_values = pixel_values
+        self.frame_mask = frame_mask
+        self.value: tuple[Tensor, Tensor | None] | None = None
+
+    def matches(self, pixel_values: Tensor, frame_mask: Tensor | None) -> bool:
+        return pixel_values is self.pixel_values and frame_mask is self.frame_mask

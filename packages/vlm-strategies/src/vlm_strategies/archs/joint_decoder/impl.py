@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vlm_strategies.api import ArchImplementation
+from vlm_strategies.api import PrefixArchImplementation
 from vlm_strategies.archs.joint_decoder.config import JointDecoderConfig
 from vlm_transformer import ModalityContext
 
@@ -18,8 +18,9 @@ def prefix_key_padding(image_valid: Tensor | None, text_len: int) -> Tensor | No
     return torch.cat((image_valid, text), dim=1)
 
 
-class JointDecoder(ArchImplementation):
-    """Image embeddings enter as a prefix of the residual stream (dense trunk)."""
+class JointDecoder(PrefixArchImplementation):
+    """Image embeddings enter as a prefix of the residual stream (dense trunk); a cached
+    decode step feeds text only (:class:`PrefixArchImplementation`)."""
 
     config: JointDecoderConfig
 

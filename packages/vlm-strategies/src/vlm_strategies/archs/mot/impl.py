@@ -36,12 +36,11 @@ import torch
 from torch import Tensor, nn
 
 from vlm_config import ModelConfig
-from vlm_strategies.api import ArchImplementation
+from vlm_strategies.api import PrefixArchImplementation
 from vlm_strategies.archs.joint_decoder.impl import prefix_key_padding
 from vlm_strategies.archs.mot.config import MoTConfig
 from vlm_transformer import (
     DecoderBlock,
-    KVCache,
     LayerKVCache,
     ModalityContext,
     Trunk,
@@ -272,8 +271,11 @@ class MoTTrunk(Trunk):
         return self.norm(hidden, shift_routing(routing, state.output_from))
 
 
-class MixtureOfTransformers(ArchImplementation):
-    """Image prefix + :class:`MoTTrunk`; image positions trimmed before the LM head."""
+class MixtureOfTransformers(PrefixArchImplementation):
+    """Image prefix + :class:`MoTTrunk`; image positions trimmed before the LM head.
+
+    A cached decode step feeds text only, with no context: without ``modality_ids`` and
+    without a prefix, every new position routes to the text copies."""
 
     config: MoTConfig
 
@@ -289,12 +291,3 @@ class MixtureOfTransformers(ArchImplementation):
             prefix_embeds=image_embeds,
             key_padding_mask=prefix_key_padding(image_valid, s),
         )
-
-    def decode_context(
-        self,
-        image_embeds: Tensor,
-        image_valid: Tensor | None,
-        new_ids: Tensor,
-        cache: KVCache,
-    ) -> ModalityContext | None:
-        return ModalityContext()  # new positions: text only (no prefix)
