@@ -13,7 +13,9 @@ from vlm_parallel.activation import (
 from vlm_parallel.build import build_parallel_vlm, encoder_ever_trainable, materialize
 from vlm_parallel.checkpoint import (
     COMPLETE_MARKER,
+    CheckpointError,
     CheckpointManager,
+    CheckpointMismatchError,
     capture_rng_state,
     export_consolidated,
     load_consolidated,
@@ -37,7 +39,9 @@ from vlm_parallel.fsdp import apply_fsdp, is_sharded, torch_dtype
 __all__ = [
     "ACMode",
     "COMPLETE_MARKER",
+    "CheckpointError",
     "CheckpointManager",
+    "CheckpointMismatchError",
     "DistContext",
     "__version__",
     "all_reduce_max",
