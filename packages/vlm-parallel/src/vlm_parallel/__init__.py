@@ -5,11 +5,7 @@ launched by ``torchrun``; user code never branches on the world size.
 """
 
 from vlm_parallel.__about__ import __version__
-from vlm_parallel.activation import (
-    ACMode,
-    apply_activation_checkpointing,
-    attention_like_submodules,
-)
+from vlm_parallel.activation import ACMode, apply_activation_checkpointing
 from vlm_parallel.build import build_parallel_vlm, encoder_ever_trainable, materialize
 from vlm_parallel.checkpoint import (
     COMPLETE_MARKER,
@@ -49,7 +45,6 @@ __all__ = [
     "apply_activation_checkpointing",
     "apply_compile",
     "apply_fsdp",
-    "attention_like_submodules",
     "barrier",
     "build_parallel_vlm",
     "capture_rng_state",

@@ -1,26 +1,43 @@
-"""Non-reentrant activation checkpointing per trunk block.
+"""Non-reentrant activation checkpointing per trunk block, full or selective (op level).
 
-The units come from ``unwrap_transformer(model).trunk.blocks()`` (never from the arch
-type).  Checkpointing replaces the module's ``forward`` *on the instance* with one that
-runs the original under :func:`torch.utils.checkpoint.checkpoint` (``use_reentrant=False``),
-so parameter names stay unchanged (no ``_checkpoint_wrapped_module`` prefixes in state
-dicts or exports) and FSDP2 hooks registered later on the same module run outside the
-checkpointed region (all-gather before forward / before recomputation in backward).
+The units are ``unwrap_transformer(model).trunk.blocks()`` (never the arch type), in
+both modes.  Checkpointing replaces each block's ``forward`` *on the instance* with one
+that runs the original under :func:`torch.utils.checkpoint.checkpoint`
+(``use_reentrant=False``), so parameter names stay unchanged (no
+``_checkpoint_wrapped_module`` prefixes in state dicts or exports) and FSDP2 hooks
+registered later on the same module run outside the checkpointed region (all-gather
+before forward / before recomputation in backward).
 
 Modes:
 
 - ``"none"``: nothing.
-- ``"full"``: every block's forward is recomputed in backward; only block inputs are kept.
-- ``"selective"``: only the *attention-like* submodules of each block are recomputed
-  (their projections, rotary and softmax / SDPA intermediates, the memory-heavy part),
-  the MLP / experts keep their activations.  A submodule is attention-like when it is a
-  :class:`vlm_transformer.Attention`, or its attribute name contains ``"attn"`` or
-  ``"attention"`` (excluding norms: names containing ``"norm"``).  Only the outermost
-  match is wrapped.  A block without any attention-like submodule is left alone.
+- ``"full"``: every block's forward is recomputed in backward; only the block inputs
+  are kept.
+- ``"selective"``: every block is checkpointed with an *operator-level* policy
+  (PyTorch's selective activation checkpointing,
+  :func:`torch.utils.checkpoint.create_selective_checkpoint_contexts`).  During the
+  forward, the outputs of the matrix multiplications that contract over more than one
+  attention head's channels (``aten.mm`` / ``addmm`` / ``bmm`` / ``baddbmm`` with
+  contraction size ``> model.head_dim``: the Q/K/V/O projections of every attention,
+  image K/V projections, FFN and expert matmuls) are kept; everything else is
+  recomputed in backward: the attention kernel itself (``scaled_dot_product_attention``
+  and its softmax / score intermediates), norms, rotary, activation functions, gates,
+  residual adds and routing (top-k, gathers, scatters).  Matmuls that contract over at
+  most ``head_dim`` channels are attention scores (``q @ k^T``: SDPA's math fallback,
+  or an attention written by hand in a plugin) and are recomputed too, so no
+  ``(B, H, S, S)`` score matrix is ever kept.
+
+  The policy looks at operators only, never at module names or types, so it applies
+  to every arch (the four built-in ones, and any plugin trunk) without the trunk's
+  cooperation: whatever a block computes with these operators (including per-modality
+  projections called directly, as in MoT) is covered.  For a Llama-style block the
+  kept memory is the block input plus the matmul outputs, roughly half of what no
+  checkpointing keeps, and the recomputation costs the elementwise work and the
+  attention kernel but no projection or FFN matmul.
 
 Checkpointing is skipped when autograd is off (generation with a KV cache never
 recomputes, so cache updates happen once).  Apply before :func:`apply_fsdp` and before
-``torch.compile``.
+``torch.compile`` (the policy is honoured by the compiled graph's partitioner too).
 """
 
 from __future__ import annotations
@@ -31,51 +48,76 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    SelectiveCheckpointContext,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
 from vlm_strategies import unwrap_transformer
-from vlm_transformer import Attention
 
-__all__ = ["ACMode", "apply_activation_checkpointing", "attention_like_submodules"]
+__all__ = ["ACMode", "apply_activation_checkpointing"]
 
 ACMode = Literal["none", "full", "selective"]
 _MARK = "_vlm_activation_checkpointing"
 
+_aten = torch.ops.aten
+# matmul operator -> position of its first (left) operand, whose last dim is contracted
+_MATMULS: dict[Any, int] = {
+    _aten.mm.default: 0,
+    _aten.bmm.default: 0,
+    _aten.addmm.default: 1,
+    _aten.baddbmm.default: 1,
+}
 
-def _checkpointed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+
+def _selective_policy(
+    ctx: SelectiveCheckpointContext,
+    op: Any,
+    *args: Any,
+    max_attention_contraction: int,
+    **kwargs: Any,
+) -> CheckpointPolicy:
+    """Keep matmul outputs contracted over ``> max_attention_contraction`` channels;
+    recompute every other operator (see the module docstring)."""
+    operand = _MATMULS.get(op)
+    if operand is not None:
+        left = args[operand]
+        if isinstance(left, torch.Tensor) and left.shape[-1] > max_attention_contraction:
+            return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context_fn(head_dim: int) -> Callable[[], Any]:
+    # A plain (nested) functools.partial of module-level functions: torch.compile's
+    # checkpoint support accepts it as a constant.
+    policy = functools.partial(_selective_policy, max_attention_contraction=head_dim)
+    return functools.partial(create_selective_checkpoint_contexts, policy)
+
+
+def _checkpointed(
+    forward: Callable[..., Any],
+    context_fn: Callable[[], Any] | None,
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    if context_fn is None:
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
 
 
-def _wrap(module: nn.Module, mode: str) -> None:
+def _wrap(module: nn.Module, mode: str, context_fn: Callable[[], Any] | None) -> None:
     original = module.forward
-    module.forward = functools.partial(_checkpointed, original)  # type: ignore[method-assign]
+    module.forward = functools.partial(_checkpointed, original, context_fn)  # type: ignore[method-assign]
     setattr(module, _MARK, mode)
 
 
-def _is_attention_like(name: str, module: nn.Module) -> bool:
-    if isinstance(module, Attention):
-        return True
-    leaf = name.rsplit(".", 1)[-1].lower()
-    if "norm" in leaf:
-        return False
-    return ("attn" in leaf or "attention" in leaf) and any(True for _ in module.parameters())
-
-
-def attention_like_submodules(block: nn.Module) -> list[nn.Module]:
-    """The outermost attention-like submodules of ``block`` (see the module docstring)."""
-    found: list[tuple[str, nn.Module]] = []
-    for name, sub in block.named_modules():
-        if not name or any(name.startswith(prefix + ".") for prefix, _ in found):
-            continue
-        if _is_attention_like(name, sub):
-            found.append((name, sub))
-    return [m for _, m in found]
-
-
 def apply_activation_checkpointing(model: nn.Module, mode: ACMode | str) -> int:
-    """Checkpoint every trunk block (``"full"``) or its attention (``"selective"``).
+    """Checkpoint every trunk block, recomputing all of it (``"full"``) or all but its
+    matmul outputs (``"selective"``, see the module docstring).
 
     Args:
         model: a :class:`~vlm_strategies.VLMWrapper` or :class:`~vlm_transformer.Transformer`
@@ -83,7 +125,8 @@ def apply_activation_checkpointing(model: nn.Module, mode: ACMode | str) -> int:
         mode: ``"none"``, ``"full"`` or ``"selective"``.
 
     Returns:
-        The number of modules whose forward is now checkpointed.
+        The number of blocks whose forward is now checkpointed (``len(trunk.blocks())``,
+        0 for ``"none"``).
 
     Raises:
         ValueError: unknown ``mode``.
@@ -99,10 +142,8 @@ def apply_activation_checkpointing(model: nn.Module, mode: ACMode | str) -> int:
         raise RuntimeError("activation checkpointing was already applied to this model")
     if mode == "none":
         return 0
-    count = 0
-    for block in transformer.trunk.blocks():
-        targets = [block] if mode == "full" else attention_like_submodules(block)
-        for target in targets:
-            _wrap(target, mode)
-            count += 1
-    return count
+    context_fn = _selective_context_fn(transformer.config.head_dim) if mode == "selective" else None
+    blocks = transformer.trunk.blocks()
+    for block in blocks:
+        _wrap(block, mode, context_fn)
+    return len(blocks)
