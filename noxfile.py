@@ -15,6 +15,7 @@ import functools
 import os
 import re
 import shutil
+import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -47,12 +48,12 @@ def ci_session(
     cache).  When the ``CI`` variable is set, the session's venv, that folder included,
     is deleted after the session body, whether it passed or failed."""
 
-    def register(body: Callable[[nox.Session], None]) -> object:
+    def register(body: Callable[..., None]) -> object:
         @functools.wraps(body)
-        def run(session: nox.Session) -> None:
+        def run(session: nox.Session, **params: object) -> None:
             session.create_tmp()
             try:
-                body(session)
+                body(session, **params)
             finally:
                 if os.environ.get("CI"):
                     shutil.rmtree(session.virtualenv.location, ignore_errors=True)
@@ -90,10 +91,12 @@ def install(session: nox.Session, *args: str) -> None:
     session.run("python", "-m", "pip", "install", "--quiet", *CONSTRAINTS, *args)
 
 
-def install_packages(session: nox.Session, names: list[str], extra: str | None = None) -> None:
+def install_packages(
+    session: nox.Session, names: list[str], extra: str | None = None, *pip_args: str
+) -> None:
     """Install local packages (with their ``test`` extra and ``extra``), dependencies
     listed first: the pip bundled with Python 3.11 resolves a local requirement only
-    when its path comes before the packages requiring it."""
+    when its path comes before the packages requiring it.  ``pip_args`` go to pip."""
     ordered: list[str] = []
     for name in names:
         ordered += [dep for dep in local_closure(name) if dep in names and dep not in ordered]
@@ -103,7 +106,7 @@ def install_packages(session: nox.Session, names: list[str], extra: str | None =
         optional = _project(PACKAGES[pkg]).get("optional-dependencies", {})
         extras = [e for e in ("test", extra) if e and e in optional]
         specs.append(f"{path}[{','.join(extras)}]" if extras else path)
-    install(session, *specs)
+    install(session, *pip_args, *specs)
 
 
 @ci_session()
@@ -149,8 +152,11 @@ for _name in PACKAGES:
 def integration(session: nox.Session) -> None:
     """Every package (with extras) plus the fixture plugins; runs tests/."""
     install_packages(session, list(PACKAGES), extra="hf")
+    install(session, GRIFFE, "hatch>=1.12")  # tests/test_release_tools.py
     if FIXTURE_PLUGINS:
-        install(session, *[str(p.parent) for p in FIXTURE_PLUGINS])
+        # --no-deps: vlm-fixture-future requires a vlm-config that is not installed (that
+        # is what it is for); the others need nothing beyond vlm-config
+        install(session, "--no-deps", *[str(p.parent) for p in FIXTURE_PLUGINS])
     session.run(
         "python",
         "-m",
@@ -182,6 +188,98 @@ def build(session: nox.Session) -> None:
         )
         session.run("python", "-m", "pip", "check")
         session.run("python", "-m", "pip", "uninstall", "--quiet", "-y", *PACKAGES)
+
+
+GRIFFE = "griffe>=1.14"
+SHOW_VERSIONS = """
+import sys, importlib.metadata as md
+for name in sys.argv[1:]:
+    try:
+        print(f"  {name}=={md.version(name)}")
+    except md.PackageNotFoundError:
+        print(f"  {name}: not installed")
+"""
+TOOLS = ROOT / "tools"
+
+
+@ci_session()
+def api(session: nox.Session) -> None:
+    """Each package's public API against its committed baseline ``api/<dist>.json``.
+
+    Static (griffe reads the source, no package is installed, no torch).  Fails on a
+    break the baseline does not record.  ``nox -s api -- --update`` rewrites the
+    baselines (refusing a break that the package's CHANGELOG does not announce under
+    Unreleased with a "Breaking" line); ``nox -s api -- vlm-config`` checks one package.
+    """
+    install(session, GRIFFE, "packaging>=23", "pytest>=8")
+    session.run("python", str(TOOLS / "api_check.py"), *session.posargs)
+    if "--update" not in session.posargs:
+        session.run(
+            "python",
+            "-m",
+            "pytest",
+            str(ROOT / "tests" / "test_release_tools.py"),
+            "-p",
+            "no:cacheprovider",
+            "-q",
+        )
+
+
+@nox.session(default=False)
+def bump(session: nox.Session) -> None:
+    """Bump one package: ``nox -s bump -- <distribution> <major|minor|patch|X.Y.Z>``.
+
+    Writes the version with ``hatch version``, moves the CHANGELOG's Unreleased entries
+    under ``## X.Y.Z - <date>``, widens siblings' upper bounds that would exclude it (and
+    says so) and records the released API as the package's baseline.  ``--check-only``
+    changes nothing and fails if a sibling's range excludes the new version.
+    """
+    if len([a for a in session.posargs if not a.startswith("--")]) != 2:
+        session.error(
+            "usage: nox -s bump -- <distribution> <major|minor|patch|X.Y.Z> [--check-only]"
+        )
+    install(session, "hatch>=1.12", "packaging>=23", GRIFFE)
+    session.run("python", str(TOOLS / "release.py"), "bump", *session.posargs)
+    if "--check-only" not in session.posargs:
+        dist = next(a for a in session.posargs if not a.startswith("--"))
+        session.run("python", str(TOOLS / "api_check.py"), "--update", dist)
+
+
+@ci_session(default=False)
+@nox.parametrize("package", list(PACKAGES))
+def lowest(session: nox.Session, package: str) -> None:
+    """A package's tests with the lowest third-party versions its ranges allow.
+
+    pip has no lowest-version resolution, so ``tools/release.py lowest-constraints`` pins
+    each third-party requirement of the package and of its local dependencies (extras
+    used included) to ``==<lower bound>``; torch stays at constraints.txt's pin and the
+    test runners (pytest, hypothesis) float.  Not in the default run (a torch venv per
+    package): ``nox -s "lowest(package='vlm-config')"``.
+    """
+    pins = Path(session.create_tmp()) / "lowest-constraints.txt"
+    session.run(
+        sys.executable,
+        str(TOOLS / "release.py"),
+        "lowest-constraints",
+        package,
+        "--output",
+        str(pins),
+        external=True,
+    )
+    install_packages(session, local_closure(package), None, "-c", str(pins))
+    session.run("python", "-m", "pip", "check")
+    names = [line.split("==")[0] for line in pins.read_text().splitlines() if "==" in line]
+    session.run("python", "-c", SHOW_VERSIONS, "torch", *names)  # what the tests run against
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        str(PACKAGES[package] / "tests"),
+        "-p",
+        "no:cacheprovider",
+        *session.posargs,
+        env=TEST_ENV,
+    )
 
 
 DOCS_REQUIREMENTS = ("mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings-python>=1.10")
@@ -264,4 +362,5 @@ nox.options.sessions = [
     "build",
     "docs",
     "plugin",
+    "api",
 ]

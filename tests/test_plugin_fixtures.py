@@ -76,9 +76,7 @@ def test_plugin_built_for_another_core_is_marked_not_fatal(tmp_path: Path) -> No
     table = rows(result.stdout)
     future = table[("vlm.adapters", "fixture_future")]
     assert "vlm-fixture-future" in future and "vlm-config>=0.2,<0.3" in future
-    assert (
-        f"incompatible: needs vlm-config>=0.2,<0.3, installed {vlm_config.__version__}" in future
-    )
+    assert f"incompatible: needs vlm-config>=0.2,<0.3, installed {vlm_config.__version__}" in future
     assert "ImportError" not in future  # judged from metadata: its module is never imported
     good = table[("vlm.adapters", "fixture_pool")]
     assert "vlm-config>=0.1,<0.2" in good and "loaded" in good

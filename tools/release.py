@@ -240,7 +240,7 @@ def range_changes(
     target = canonicalize_name(released.name)
     changes = []
     for sibling in siblings:
-        for raw in sibling.all_requirement_strings():
+        for raw in dict.fromkeys(sibling.all_requirement_strings()):  # one change per string
             req = Requirement(raw)
             if canonicalize_name(req.name) != target:
                 continue
