@@ -54,10 +54,12 @@ def tiny_job(out: Path, *overrides: str, **sections: dict[str, Any]) -> JobConfi
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished tiny run (checkpoints, final export, tokenizer) shared by CLI tests."""
+    """A finished tiny run (checkpoints, final export, tokenizer) shared by CLI tests,
+    trained for 30 steps: long enough that greedy decoding emits a digit word (after 6
+    steps it may stop at once)."""
     from vlm_train import train
 
     out = tmp_path_factory.mktemp("run") / "tiny"
-    result = train(tiny_job(out), log=lambda _m: None)
+    result = train(tiny_job(out, "train.steps=30"), log=lambda _m: None)
     assert result.eval is not None
     return out
