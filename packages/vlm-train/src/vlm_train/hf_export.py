@@ -110,7 +110,9 @@ def _write_tokenizer(
     for text in extra_special or []:
         if tok.token_to_id(text) is None:
             tok.add_special_tokens([AddedToken(text, normalized=False, special=True)])
-        ids[text] = int(tok.token_to_id(text))
+        idx = tok.token_to_id(text)
+        assert idx is not None
+        ids[text] = int(idx)
     names = {}
     for key, idx in (
         ("bos_token", tokenizer.bos_id),
@@ -118,9 +120,7 @@ def _write_tokenizer(
         ("pad_token", tokenizer.pad_id),
     ):
         names[key] = tok.id_to_token(idx)
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, padding_side="left", **names
-    )
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", **names)
     return fast, ids
 
 
@@ -255,9 +255,7 @@ def _tower_state(encoder: Any) -> dict[str, Tensor]:
     return state
 
 
-def export_hf_llava(
-    model: Any, job: JobConfig, tokenizer: TextTokenizer, out: str | Path
-) -> Path:
+def export_hf_llava(model: Any, job: JobConfig, tokenizer: TextTokenizer, out: str | Path) -> Path:
     """Write a ``joint_decoder`` model as a ``LlavaForConditionalGeneration`` folder with
     its ``LlavaProcessor`` (see the module docstring for the layout and prompt mapping).
 
