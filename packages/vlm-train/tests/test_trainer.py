@@ -120,3 +120,18 @@ def test_resume_differences_lists_each_field(tmp_path: Path) -> None:
     assert "arch.cross_attention_every_n_layers: unset (run) vs 1 (this config)" in unsafe
     assert resume_differences(run, tiny_job(tmp_path)) == ([], [])
     assert "model.dim" not in SAFE_RESUME_FIELDS and "train.steps" in SAFE_RESUME_FIELDS
+
+
+def test_resume_falls_back_past_an_unreadable_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(tiny_job(out), log=lambda _m: None, stop_after_steps=5)  # saves step 3 and 5
+    newest = out / "checkpoints" / "step_000005"
+    (newest / "trainer_state.pt").write_bytes(b"truncated")
+    messages: list[str] = []
+    result = train(tiny_job(out), log=messages.append)
+    assert result.resumed_from == 3 and result.step == 6
+    assert any(
+        m.startswith("warning: checkpoint step_000005 is unreadable") and "step_000003" in m
+        for m in messages
+    ), messages
+    assert f"resumed from {out / 'checkpoints' / 'step_000003'} (step 3/6)" in messages

@@ -428,19 +428,36 @@ class Trainer:
         self._positions = getattr(self.model, "num_image_positions", 0) + job.arch.max_text_len
 
     def _restore(self, resume_point: Path | None) -> None:
+        """Load the newest readable checkpoint (an unreadable newer one is skipped with
+        a warning) and apply the freeze stage of its step."""
         if resume_point is not None:
-            state = self._ckpt.load(resume_point, self.model, self.optimizer, self.scheduler)
-            self.global_step = self.resumed_from = int(state["step"])
-            steps = self.job.train.steps
-            self.say(f"resumed from {resume_point} (step {self.global_step}/{steps})")
-            if self._safe_changes:
-                self.say(
-                    "warning: resuming with settings that differ from the run's job.toml "
-                    f"(applied): {'; '.join(self._safe_changes)}"
-                )
+            state = self._load_latest()
+            if state is not None:
+                self.global_step = self.resumed_from = int(state["step"])
+                steps = self.job.train.steps
+                self.say(f"resumed from {state['path']} (step {self.global_step}/{steps})")
+                if self._safe_changes:
+                    self.say(
+                        "warning: resuming with settings that differ from the run's "
+                        f"job.toml (applied): {'; '.join(self._safe_changes)}"
+                    )
         self._stage = freeze_specs_at(self.job.arch, self.global_step)
         if self.global_step:
             apply_freeze(self.model, self.job.arch, self.global_step)
+
+    def _load_latest(self) -> dict[str, Any] | None:
+        from vlm_parallel import CheckpointError
+
+        try:
+            state: dict[str, Any] | None = self._ckpt.load_latest(
+                self.model, self.optimizer, self.scheduler, warn=self.say
+            )
+        except CheckpointError as exc:
+            raise VLMTrainError(
+                f"cannot resume {self.run_dir}: {exc}; use a new train.output_dir or "
+                "train.resume=false to start afresh"
+            ) from exc
+        return state
 
     def _write_run_files(self) -> None:
         from vlm_parallel import barrier
