@@ -6,6 +6,13 @@ from typing import Any
 
 from vlm_config import JobConfig
 
+# every arch this distribution ships (test_conformance checks the list is complete)
+BUILTIN_ARCHS: list[dict[str, Any]] = [
+    {"arch": "joint_decoder"},
+    {"arch": "cross_attention"},
+    {"arch": "mot"},
+    {"arch": "moma", "experts_per_modality": 2},
+]
 RANDOM_ENCODER = {"type": "random", "num_tokens": 16, "feature_dim": 32, "image_size": 16}
 SIGLIP_ENCODER = {
     "type": "siglip",

@@ -197,25 +197,6 @@ def test_gradients_reach_exactly_the_trainable_parameters(
 # ----------------------------------------------------------------------- video / masks
 
 
-def test_padded_frames_never_change_real_tokens() -> None:
-    model = build(frames=3).eval()
-    wake_cross_blocks(model)
-    pixels, ids = inputs(frames=3)
-    frame_mask = torch.tensor([[True, True, False], [True, False, False]])
-    changed = pixels.clone()
-    changed[0, 2] = torch.randn(3, 16, 16)
-    changed[1, 1:] = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        a, _ = model(pixels, ids, frame_mask=frame_mask)
-        b, _ = model(changed, ids, frame_mask=frame_mask)
-        real = pixels.clone()
-        real[0, 0] = torch.randn(3, 16, 16)
-        c, _ = model(real, ids, frame_mask=frame_mask)
-    torch.testing.assert_close(a, b, atol=0, rtol=0)
-    assert not torch.allclose(a[0], c[0], atol=1e-4)  # a real frame does matter
-    torch.testing.assert_close(a[1], c[1], atol=0, rtol=0)
-
-
 def test_all_padded_clip_is_finite_and_text_only() -> None:
     model = build(frames=3).eval()
     wake_cross_blocks(model)
@@ -236,41 +217,13 @@ def test_frame_count_mismatch_raises() -> None:
         model(pixels, ids)
 
 
-# ----------------------------------------------------------------------- causality
-
-
-def test_strict_causality() -> None:
-    model = build(n_layers=2).eval()
-    wake_cross_blocks(model)
-    pixels, ids = inputs(seq=10)
-    with torch.no_grad():
-        base, _ = model(pixels, ids)
-        for pos in (3, 9):
-            changed = ids.clone()
-            changed[:, pos] = (changed[:, pos] + 1) % VOCAB
-            out, _ = model(pixels, changed)
-            torch.testing.assert_close(out[:, :pos], base[:, :pos], atol=0, rtol=0)
-            assert not torch.allclose(out[:, pos], base[:, pos])
-
-
 # ----------------------------------------------------------------------- generation
 
 
-def greedy_by_recomputation(
-    model: VLMWrapper, pixels: Tensor, ids: Tensor, steps: int, frame_mask: Tensor | None
-) -> Tensor:
-    seq = ids
-    with torch.no_grad():
-        for _ in range(steps):
-            logits, _ = model(pixels, seq, frame_mask=frame_mask)
-            seq = torch.cat((seq, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
-    return seq
-
-
 @pytest.mark.parametrize("video", [False, True])
-def test_generate_matches_greedy_recomputation(
-    video: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_generate_projects_image_kv_once(video: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tokens == greedy recomputation is the conformance kit's ``generation`` check; here:
+    the cached image K/V are projected once per cross block, at prefill."""
     frames = 3 if video else 1
     model = build(n_layers=4, frames=frames, cross_attention_every_n_layers=2).eval()
     wake_cross_blocks(model, seed=3)
@@ -285,10 +238,8 @@ def test_generate_matches_greedy_recomputation(
 
     monkeypatch.setattr(ImageCrossAttention, "image_kv", counting)
     out = model.generate(pixels, ids, frame_mask=frame_mask, max_new_tokens=6)
-    assert len(calls) == 2  # image K/V projected once per cross block, at prefill
-    want = greedy_by_recomputation(model, pixels, ids, 6, frame_mask)
+    assert len(calls) == 2
     assert out.shape == (2, 11)
-    assert torch.equal(out, want)
 
 
 # ----------------------------------------------------------------------- compile

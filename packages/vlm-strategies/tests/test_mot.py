@@ -260,32 +260,6 @@ def test_freeze_aliases_and_gradients() -> None:
 # ----------------------------------------------------------------------- video / masks
 
 
-def test_padded_frames_never_change_real_tokens() -> None:
-    model = build(frames=3).eval()
-    pixels, ids = inputs(frames=3)
-    frame_mask = torch.tensor([[True, True, False], [True, False, False]])
-    changed = pixels.clone()
-    changed[0, 2] = torch.randn(3, 16, 16)
-    changed[1, 1:] = torch.randn(2, 3, 16, 16)
-    real = pixels.clone()
-    real[0, 0] = torch.randn(3, 16, 16)
-    with torch.no_grad():
-        a, _ = model(pixels, ids, frame_mask=frame_mask)
-        b, _ = model(changed, ids, frame_mask=frame_mask)
-        c, _ = model(real, ids, frame_mask=frame_mask)
-    torch.testing.assert_close(a, b, atol=0, rtol=0)
-    assert not torch.allclose(a[0], c[0], atol=1e-4)
-    torch.testing.assert_close(a[1], c[1], atol=0, rtol=0)
-
-
-def test_all_padded_clip_is_finite() -> None:
-    model = build(frames=3).eval()
-    pixels, ids = inputs(frames=3)
-    with torch.no_grad():
-        logits, _ = model(pixels, ids, frame_mask=torch.zeros(2, 3, dtype=torch.bool))
-    assert torch.isfinite(logits).all()
-
-
 def test_frame_count_mismatch_raises() -> None:
     model = build(frames=3)
     pixels, ids = inputs(frames=4)
@@ -293,28 +267,12 @@ def test_frame_count_mismatch_raises() -> None:
         model(pixels, ids)
 
 
-# ----------------------------------------------------------------------- causality
-
-
-def test_strict_causality() -> None:
-    model = build().eval()
-    pixels, ids = inputs(seq=10)
-    with torch.no_grad():
-        base, _ = model(pixels, ids)
-        for pos in (2, 9):
-            changed = ids.clone()
-            changed[:, pos] = (changed[:, pos] + 1) % VOCAB
-            out, _ = model(pixels, changed)
-            torch.testing.assert_close(out[:, :pos], base[:, :pos], atol=0, rtol=0)
-            assert not torch.allclose(out[:, pos], base[:, pos])
-
-
 # ----------------------------------------------------------------------- generation
 
 
-@pytest.mark.parametrize("dispatch", ["select", "gather"])
-def test_generate_matches_greedy_recomputation(dispatch: str) -> None:
-    model = build(n_layers=2, frames=2, dispatch=dispatch).eval()
+def test_generate_with_gather_dispatch_matches_greedy_recomputation() -> None:
+    """(the default ``select`` dispatch is covered by the conformance kit)"""
+    model = build(n_layers=2, frames=2, dispatch="gather").eval()
     pixels, ids = inputs(frames=2, seq=5, seed=4)
     frame_mask = torch.tensor([[True, False], [True, True]])
     out = model.generate(pixels, ids, frame_mask=frame_mask, max_new_tokens=6)
@@ -345,19 +303,3 @@ def test_compile_fullgraph_forward_backward() -> None:
     image_q = model.transformer.trunk.layers["0"].image.attn.qkv_proj.weight
     assert text_q.grad is not None and image_q.grad is not None
     assert torch.count_nonzero(image_q.grad) > 0
-
-
-def test_meta_construction_initialises_every_parameter() -> None:
-    model = build_vlm(job(), init_device="meta")
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.startswith("vision_encoder."):
-                p.fill_(float("nan"))
-    model.init_weights()
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    layer = model.transformer.trunk.layers["0"]
-    assert not torch.equal(layer.image.attn.qkv_proj.weight, layer.text.attn.qkv_proj.weight)
-    pixels, ids = inputs()
-    with torch.no_grad():
-        assert torch.isfinite(model(pixels, ids)[0]).all()
