@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,22 +41,43 @@ def _tokenizer_near(*folders: Path) -> TextTokenizer:
     raise VLMTrainError(f"no tokenizer.json in {', '.join(str(f) for f in folders)}")
 
 
-def load_trained(path: str | Path) -> LoadedModel:
-    """A model from an export folder (``model.safetensors`` + ``job.toml``), a run folder
-    (its latest checkpoint, else its ``final`` export) or one checkpoint folder of a run.
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
-    Single process only (call it without ``torchrun``).
+
+def load_trained(path: str | Path, *, warn: Callable[[str], None] | None = None) -> LoadedModel:
+    """A model from an export folder (``model.safetensors`` + ``job.toml``), a run folder
+    (its latest readable checkpoint, else its ``final`` export) or one checkpoint folder
+    of a run.
+
+    Only the model parameters are read: no optimizer, scheduler or RNG state is built or
+    loaded.  Nothing is unpickled beyond plain values and tensors (see
+    ``vlm_parallel.CheckpointManager``); an export reads only safetensors and TOML.  For
+    a run folder an unreadable newest checkpoint is skipped with a one-line warning and
+    the previous complete one is loaded.  Single process only (call it without
+    ``torchrun``).
+
+    Args:
+        warn: receives fall-back warnings (default: printed to stderr).
 
     Raises:
-        VLMTrainError: the path is none of these, or its files are missing.
+        VLMTrainError: the path is none of these, its files are missing, corrupt or
+            unsafe, no checkpoint of the run loads, or ``job.toml`` no longer matches
+            the saved weights (the message names ``job.toml`` and the parameter).
     """
+    from vlm_parallel import CheckpointError, CheckpointMismatchError
+
+    warn = _stderr if warn is None else warn
     path = Path(path).expanduser()
     if not path.exists():
         raise VLMTrainError(f"checkpoint or export folder not found: {path}")
     if (path / "model.safetensors").is_file():
         from vlm_parallel import load_consolidated
 
-        model, job = load_consolidated(path)
+        try:
+            model, job = load_consolidated(path)
+        except CheckpointError as exc:
+            raise VLMTrainError(str(exc)) from exc
         tok = _tokenizer_near(path, path.parent)
         if job.data.tokenizer is not None and not (path / "tokenizer.json").is_file():
             tok = TextTokenizer.load(job.data.tokenizer)
@@ -71,20 +94,34 @@ def load_trained(path: str | Path) -> LoadedModel:
         )
     from vlm_parallel import CheckpointManager, build_parallel_vlm, init_distributed
 
-    job = load_job_config(run_dir / "job.toml")
+    job_file = run_dir / "job.toml"
+    job = load_job_config(job_file)
     manager = CheckpointManager(run_dir / "checkpoints", keep_last=job.train.keep_checkpoints)
-    if ckpt_path is None:
-        ckpt_path = manager.latest()
-        if ckpt_path is None:
-            if (run_dir / "final" / "model.safetensors").is_file():
-                return load_trained(run_dir / "final")
-            raise VLMTrainError(f"{run_dir} has no checkpoint yet")
-    from vlm_train.loop import build_optimizer, build_scheduler
-
-    dist = init_distributed(job.parallel)
-    model = build_parallel_vlm(job, dist, job.train.seed)
-    optimizer = build_optimizer(model, job)
-    manager.load(ckpt_path, model, optimizer, build_scheduler(optimizer, job))
+    final = run_dir / "final"
+    if ckpt_path is None and manager.latest() is None:
+        if (final / "model.safetensors").is_file():
+            return load_trained(final, warn=warn)
+        raise VLMTrainError(f"{run_dir} has no checkpoint yet")
+    model = build_parallel_vlm(job, init_distributed(job.parallel), job.train.seed)
+    try:
+        if ckpt_path is not None:
+            manager.load_model(ckpt_path, model)
+        else:
+            info = manager.load_latest(model, model_only=True, warn=warn)
+            if info is None:  # deleted since latest() looked
+                raise VLMTrainError(f"{run_dir} has no checkpoint yet")
+            ckpt_path = info["path"]
+    except CheckpointMismatchError as exc:
+        raise VLMTrainError(
+            f"{job_file} does not match the saved weights ({exc}); was it edited after training?"
+        ) from exc
+    except CheckpointError as exc:
+        hint = ""
+        if ckpt_path is None and (final / "model.safetensors").is_file():
+            hint = f"; the run's export {final} can be loaded instead"
+        raise VLMTrainError(f"{exc}{hint}") from exc
+    except FileNotFoundError as exc:
+        raise VLMTrainError(str(exc)) from exc
     model.eval()
     return LoadedModel(model, job, _tokenizer_near(run_dir), Path(ckpt_path))
 
