@@ -13,9 +13,9 @@ from PIL import Image
 
 from vlm_config import JobConfig
 from vlm_strategies import VLMWrapper, build_vlm
-from vlm_train.hf_export import export_hf, llava_prompt
+from vlm_train.hf_export import ExportError, export_hf, llava_prompt
 from vlm_train.tokenizer import TextTokenizer
-from vlm_transformer import ModalityContext
+from vlm_transformer import ModalityContext, generate
 
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(1)
@@ -160,3 +160,93 @@ def test_llava_export_parity(tmp_path: Path, family: str) -> None:
     _compare(
         model, tok, folder, ["a cat on the mat", "big", "two red dog"], f"llava/{family} batch of 3"
     )
+
+
+def test_llama_export_parity(tmp_path: Path) -> None:
+    tok = _tokenizer()
+    job = _job(_tower_folder(tmp_path, "siglip"), "siglip", vocab=tok.vocab_size + 12)
+    model = _model(job)
+    folder = export_hf(model, job, tok, tmp_path / "llama", decoder_only=True)
+    hf, info = transformers.LlamaForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not any(info.values()), info
+    hf.eval()
+    auto = transformers.AutoTokenizer.from_pretrained(folder)
+    assert auto.convert_tokens_to_ids("cat") == tok.encode("cat")[0]
+    ids = torch.tensor([[tok.bos_id, *tok.encode(t)] for t in ("a cat sits", "the red mat")])
+    with torch.no_grad():
+        diff = float((model.transformer(ids) - hf(ids).logits).abs().max())
+    ours = generate(model.transformer, ids, max_new_tokens=6)[:, -6:]
+    theirs = hf.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None)[:, -6:]
+    same = torch.equal(ours, theirs)
+    print(f"\n[export] llama: max |logit diff| = {diff:.3e}; identical greedy tokens: {same}")
+    assert diff <= 1e-4 and same
+
+
+def test_llava_export_with_spare_vocab_reuses_an_id(tmp_path: Path) -> None:
+    tok = _tokenizer()
+    job = _job(_tower_folder(tmp_path, "siglip"), "siglip", vocab=tok.vocab_size + 4)
+    model = _model(job)
+    folder = export_hf(model, job, tok, tmp_path / "out")
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(folder)
+    assert hf.config.image_token_index == tok.vocab_size  # first id the tokenizer leaves free
+    assert hf.config.text_config.vocab_size == tok.vocab_size + 4  # no resize
+    gen = transformers.GenerationConfig.from_pretrained(folder)
+    assert gen.suppress_tokens == [tok.vocab_size]
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"arch": {"arch": "mot"}}, "arch 'mot' to Hugging Face: transformers has no equivalent"),
+        ({"arch": {"arch": "moma"}}, "arch 'moma' to Hugging Face"),
+        ({"arch": {"arch": "cross_attention"}}, "arch 'cross_attention' to Hugging Face"),
+        ({"arch": {"prefix_bidirectional": True}}, "prefix_bidirectional=true"),
+        ({"adapter": {"type": "linear"}}, "adapter 'linear' to Llava"),
+        ({"adapter": {"type": "avgpool"}}, "adapter 'avgpool' to Llava"),
+        ({"adapter": {"hidden_dim": 32}}, "hidden_dim=32 to Llava"),
+        ({"encoder": {"post_layernorm": True}}, "post_layernorm=true"),
+        ({"model": {"vocab_size": 8}}, "the tokenizer has 19 tokens but model.vocab_size is 8"),
+    ],
+)
+def test_llava_export_rejects(tmp_path: Path, over: dict[str, Any], message: str) -> None:
+    job = _job(_tower_folder(tmp_path, "siglip"), "siglip", vocab=19, **over)
+    with pytest.raises(ExportError, match=message):
+        export_hf(build_vlm(job), job, _tokenizer(), tmp_path / "out")
+
+
+def test_export_rejects_random_encoder_and_non_dense_decoder(tmp_path: Path) -> None:
+    job = JobConfig.model_validate(
+        {
+            "model": {"dim": 32, "n_layers": 2, "n_heads": 2, "vocab_size": 19},
+            "encoder": {"type": "random", "num_tokens": 4, "feature_dim": 8},
+            "arch": {"arch": "cross_attention"},
+        }
+    )
+    model = build_vlm(job)
+    with pytest.raises(ExportError, match="arch 'cross_attention'"):
+        export_hf(model, job, _tokenizer(), tmp_path / "a")
+    with pytest.raises(ExportError, match="not a dense Llama .* LlamaForCausalLM cannot"):
+        export_hf(model, job, _tokenizer(), tmp_path / "b", decoder_only=True)
+    dense = JobConfig.model_validate({**job.model_dump(), "arch": {"arch": "joint_decoder"}})
+    with pytest.raises(ExportError, match="encoder 'random' to Llava: it needs a siglip or clip"):
+        export_hf(build_vlm(dense), dense, _tokenizer(), tmp_path / "c")
+
+
+def test_export_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vlm_config.cli import main
+    from vlm_parallel import export_consolidated
+
+    tok = _tokenizer()
+    job = _job(_tower_folder(tmp_path, "clip"), "clip", vocab=tok.vocab_size)
+    model = _model(job)
+    run = export_consolidated(model, job, tmp_path / "final")
+    tok.save(run)
+    assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert "LlavaForConditionalGeneration" in capsys.readouterr().out
+    _compare(model, tok, tmp_path / "hf", ["a dog", "one"], "llava/clip via `vlm export`")
+    # non-empty target, missing run: one error line, exit code 1
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 1
+    assert "not empty; pass --overwrite" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
