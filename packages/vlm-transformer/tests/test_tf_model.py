@@ -5,16 +5,20 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_config, tiny_model
 from torch import Tensor, nn
 
 from vlm_transformer import (
     DenseTrunk,
+    GeluMLP,
     KVCache,
+    LayerNorm,
     ModalityContext,
     Transformer,
     Trunk,
     TrunkInputs,
+    apply_rotary,
     mark_zero_init,
 )
 
@@ -221,9 +225,50 @@ def test_trunk_is_abstract() -> None:
         Trunk(tiny_config())  # type: ignore[abstract]
 
 
-def test_gelu_layernorm_variant_runs() -> None:
+def test_gelu_layernorm_variant_uses_exact_gelu_and_layernorm() -> None:
+    """Every norm is a mean-centring LayerNorm with bias, every MLP ``down(gelu(up(x)))``
+    with the exact erf GELU: checked against a hand-written reference forward."""
     m = tiny_model(mlp="gelu", norm_type="layernorm", n_kv_heads=1)
-    assert m(torch.randint(0, 64, (2, 4))).shape == (2, 4, 64)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("norm.bias"):  # non-zero biases so a missing bias shows up
+                p.uniform_(-0.5, 0.5)
+            elif ".mlp." in name:  # pre-activations of order 1, where tanh-GELU != erf-GELU
+                p.normal_(0.0, 0.3)
+    ids = torch.randint(0, 64, (2, 5))
+    cfg = m.config
+
+    def layer_norm(norm: nn.Module, x: Tensor) -> Tensor:
+        mean = x.mean(-1, keepdim=True)
+        var = (x - mean).pow(2).mean(-1, keepdim=True)
+        return (x - mean) / torch.sqrt(var + cfg.norm_eps) * norm.weight + norm.bias
+
+    def gelu_mlp(mlp: nn.Module, x: Tensor) -> Tensor:
+        h = x @ mlp.up_proj.weight.T
+        return (0.5 * h * (1 + torch.erf(h / math.sqrt(2)))) @ mlp.down_proj.weight.T
+
+    x = m.embed(ids)
+    s = ids.shape[1]
+    hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.kv_heads
+    cos, sin = m.rotary(torch.arange(s)[None])
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    for block in m.trunk.layers.values():
+        q, k, v = (layer_norm(block.attn_norm, x) @ block.attn.qkv_proj.weight.T).split(
+            [nh * hd, nkv * hd, nkv * hd], dim=-1
+        )
+        q = apply_rotary(q.view(2, s, nh, hd).transpose(1, 2), cos, sin)
+        k = apply_rotary(k.view(2, s, nkv, hd).transpose(1, 2), cos, sin)
+        k = k.repeat_interleave(nh // nkv, dim=1)
+        v = v.view(2, s, nkv, hd).transpose(1, 2).repeat_interleave(nh // nkv, dim=1)
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(hd)).masked_fill(~causal, float("-inf"))
+        att = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, s, nh * hd)
+        x = x + att @ block.attn.o_proj.weight.T
+        x = x + gelu_mlp(block.mlp, layer_norm(block.mlp_norm, x))
+    want = layer_norm(m.trunk.norm, x) @ m.output_weight.T
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids), want, atol=1e-5, rtol=1e-5)
+    # (the tanh-approximate GELU misses this reference by ~6e-5, an RMSNorm by far more)
+    assert isinstance(m.trunk.norm, LayerNorm) and isinstance(m.trunk.layers["0"].mlp, GeluMLP)
 
 
 class _AllPositionsTrunk(DenseTrunk):
