@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import tiny_config, tiny_model
 from torch import Tensor, nn
 
