@@ -25,6 +25,11 @@ class DecoderBlock(nn.Module):
     -> (B, S - output_from, D)``: every position attends as usual (and fills the cache),
     but the attention output projection, the residual and the MLP run on positions
     ``>= output_from`` only.
+
+    Args:
+        config: the decoder config: ``dim``, heads, ``qk_norm``, ``norm_type``, ``mlp``
+            and ``hidden_dim`` choose the submodules ``attn_norm``, ``attn``,
+            ``mlp_norm`` and ``mlp``.
     """
 
     def __init__(self, config: ModelConfig) -> None:

@@ -56,9 +56,20 @@ class Trunk(nn.Module, abc.ABC):
     """Abstract trunk: owns ``layers`` (``nn.ModuleDict`` keyed ``"0"``, ``"1"``, ... so
     parameter names stay stable) and the final ``norm``.
 
+    Constructed as ``YourTrunk(config, ...)``; the base constructor only stores
+    ``config``: the subclass's ``__init__`` calls ``super().__init__(config)`` and then
+    creates ``self.layers`` and ``self.norm`` itself (e.g. ``nn.ModuleDict({str(i):
+    DecoderBlock(config) for i in range(config.n_layers)})`` and
+    ``build_norm(config.norm_type, config.dim, config.norm_eps)``). An arch returns the
+    trunk from ``ArchImplementation.build_trunk()``; the model builder constructs it
+    under the target device (``meta`` for deferred initialisation).
+
     Subclasses implement :meth:`forward` (which must apply ``self.norm`` last). The
     defaults of :meth:`blocks`, :meth:`auxiliary_losses` and :meth:`init_weights` fit
     most trunks.
+
+    Args:
+        config: the decoder config (``dim``, ``n_layers``, norms, ...).
 
     Attributes:
         scale_output_init: when ``True`` (default) output projections are initialised
