@@ -1,12 +1,15 @@
 """Activation checkpointing benchmark: peak memory and step time, none / selective / full.
 
-One process, one model (a joint-decoder VLM: random encoder -> mlp_2layer adapter ->
-decoder, dim 256, 4 layers, 64 image + 192 text = 256 positions, batch 8, vocab 1024),
-identical weights and batch for every mode; AC applied with
-``vlm_parallel.apply_activation_checkpointing``.  Modes alternate step by step so that
-machine drift hits all of them equally.
+One process, one model (by default a joint-decoder VLM: random encoder -> mlp_2layer
+adapter -> decoder, dim 256, 4 layers, 64 image + 192 text = 256 positions, batch 8,
+vocab 1024; ``--arch`` picks any installed arch), identical weights and batch for every
+mode; AC applied with ``vlm_parallel.apply_activation_checkpointing`` ("full": each trunk
+block recomputed; "selective": each trunk block under the op-level policy that keeps
+matmul outputs and recomputes attention kernels and elementwise work).  Modes alternate
+step by step so that machine drift hits all of them equally.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_activation_checkpointing.py --threads 2
+    OMP_NUM_THREADS=2 python benchmarks/bench_activation_checkpointing.py --threads 2 --arch mot
 
 Two passes over the same models.  Timing first, under the default allocator: step
 time is the median wall time of forward + backward + AdamW step.  Then memory: glibc is
@@ -57,13 +60,14 @@ def job_config(args: argparse.Namespace) -> JobConfig:
                 "image_size": 32,
             },
             "adapter": {"type": "mlp_2layer"},
-            "arch": {"arch": "joint_decoder", "max_text_len": args.seq - image_tokens},
+            "arch": {"arch": args.arch, "max_text_len": args.seq - image_tokens},
         }
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="joint_decoder", help="any installed arch")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
@@ -131,7 +135,8 @@ def main() -> None:
 
     mib = 1024 * 1024
     print(
-        f"model: dim {args.dim}, {args.layers} layers, seq {args.seq}, batch {args.batch}; "
+        f"model: {args.arch}, dim {args.dim}, {args.layers} layers, seq {args.seq}, "
+        f"batch {args.batch}; "
         f"threads {torch.get_num_threads()}; {args.steps} measured steps per mode"
     )
     print(
