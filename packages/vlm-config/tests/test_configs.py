@@ -1,9 +1,23 @@
 from __future__ import annotations
 
-import pytest
-from pydantic import ValidationError
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
 
-from vlm_config import JobConfig, ModelConfig, ParallelConfig, TrainConfig
+import pytest
+from pydantic import Field, ValidationError
+
+from vlm_config import (
+    AdapterConfig,
+    ArchConfig,
+    ComponentConfig,
+    ConfigFieldError,
+    JobConfig,
+    ModelConfig,
+    ParallelConfig,
+    PluginRegistry,
+    TrainConfig,
+)
 
 from .conftest import base_job
 
@@ -127,3 +141,127 @@ def test_json_schema_includes_plugins(registered: object) -> None:
     schema = JobConfig.model_json_schema()
     text = str(schema)
     assert "StrideAdapterConfig" in text and "stride" in text and "test_side" in text
+
+
+# --------------------------------------------------------------- check_model hook
+class ModelCheckedArchConfig(ArchConfig):
+    """A side-input arch whose builder would need ``every <= model.n_layers``."""
+
+    arch: Literal["test_checked"] = "test_checked"
+    every: int = Field(default=1, ge=1)
+    needs_gelu: bool = False
+
+    def residual_image_positions(self, num_visual_tokens: int) -> int:
+        return 0
+
+    def check_model(self, model: ModelConfig) -> None:
+        if self.every > model.n_layers:
+            raise ConfigFieldError(
+                "every", f"{self.every} exceeds model.n_layers ({model.n_layers}); allowed: 1.."
+            )
+        if self.needs_gelu and model.mlp != "gelu":
+            raise ValueError(f"this arch needs model.mlp = 'gelu', got {model.mlp!r}")
+
+
+class ModelCheckedAdapterConfig(AdapterConfig):
+    """An adapter whose builder would need ``heads`` to divide ``model.dim``."""
+
+    type: Literal["test_heads"] = "test_heads"
+    heads: int = Field(default=1, ge=1)
+
+    def check_model(self, model: ModelConfig) -> None:
+        if model.dim % self.heads:
+            raise ConfigFieldError("heads", f"{self.heads} does not divide model.dim {model.dim}")
+
+
+CHECKED: list[tuple[str, type[ComponentConfig]]] = [
+    ("vlm.archs", ModelCheckedArchConfig),
+    ("vlm.adapters", ModelCheckedAdapterConfig),
+]
+
+
+@pytest.fixture
+def checked(registered: PluginRegistry) -> Iterator[PluginRegistry]:
+    for group, cls in CHECKED:
+        registered.register(group, cls, replace=True)
+    yield registered
+    for group, cls in CHECKED:
+        registered.unregister(group, cls.plugin_name())
+
+
+def checked_job(every: int = 1, heads: int = 1, **arch: object) -> dict[str, object]:
+    return base_job(
+        arch={"arch": "test_checked", "every": every, **arch},
+        adapter={"type": "test_heads", "heads": heads},
+    )
+
+
+def test_base_check_model_accepts_any_model(registered: object) -> None:
+    job = JobConfig.model_validate(base_job(model={"dim": 8, "n_layers": 1, "n_heads": 2}))
+    job.arch.check_model(job.model)  # the base hook: no constraint, no error
+
+
+def test_check_model_error_is_located_at_the_field(checked: object) -> None:
+    assert JobConfig.model_validate(checked_job(every=2)).arch.every == 2  # type: ignore[attr-defined]
+    with pytest.raises(ValidationError) as info:
+        JobConfig.model_validate(checked_job(every=3))
+    assert errors(info.value) == [
+        ("arch.every", "Value error, 3 exceeds model.n_layers (2); allowed: 1..")
+    ]
+    assert info.value.errors()[0]["input"] == 3
+
+
+def test_check_model_reports_every_section(checked: object) -> None:
+    with pytest.raises(ValidationError) as info:
+        JobConfig.model_validate(checked_job(every=5, heads=3))
+    assert [loc for loc, _ in errors(info.value)] == ["adapter.heads", "arch.every"]
+    assert "3 does not divide model.dim 64" in errors(info.value)[0][1]
+
+
+def test_check_model_plain_value_error_is_located_at_the_section(checked: object) -> None:
+    with pytest.raises(ValidationError) as info:
+        JobConfig.model_validate(checked_job(needs_gelu=True))
+    assert errors(info.value) == [
+        ("arch", "Value error, this arch needs model.mlp = 'gelu', got 'swiglu'")
+    ]
+    data = checked_job(needs_gelu=True)
+    data["model"] = {**data["model"], "mlp": "gelu"}  # type: ignore[dict-item]
+    JobConfig.model_validate(data)
+
+
+def test_check_model_runs_only_on_valid_sections(checked: object) -> None:
+    # an invalid model section reports its own error, not a hook failure on top of it
+    data = checked_job(every=3)
+    data["model"] = {"dim": 64, "n_layers": 0, "n_heads": 4}
+    with pytest.raises(ValidationError) as info:
+        JobConfig.model_validate(data)
+    assert [loc for loc, _ in errors(info.value)] == ["model.n_layers"]
+
+
+def test_check_model_also_runs_on_assignment(checked: object) -> None:
+    job = JobConfig.model_validate(checked_job(every=2))
+    with pytest.raises(ValidationError, match="arch.every"):
+        job.model = ModelConfig(dim=64, n_layers=1, n_heads=4, max_seq_len=64)
+
+
+def test_validate_cli_prints_one_error_at_the_field(
+    tmp_path: Path, checked: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vlm_config.cli import main
+
+    path = tmp_path / "job.toml"
+    path.write_text(
+        "[model]\ndim = 64\nn_layers = 2\nn_heads = 4\nmax_seq_len = 64\n"
+        '[encoder]\ntype = "test_grid"\n[adapter]\ntype = "test_heads"\n'
+        '[arch]\narch = "test_checked"\nevery = 2\n'
+    )
+    assert main(["validate", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["validate", str(path), "model.n_layers=1"]) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert captured.out == ""
+    assert [line for line in lines if line.startswith("error:")] == [
+        f"error: {path} is not a valid job config:"
+    ]
+    assert lines[1:] == ["  arch.every: Value error, 2 exceeds model.n_layers (1); allowed: 1.."]

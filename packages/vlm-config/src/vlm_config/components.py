@@ -11,15 +11,34 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from vlm_config.model import ModelConfig
 
 
 class StrictModel(BaseModel):
     """Base of every config section: unknown keys are errors, assignments validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ConfigFieldError(ValueError):
+    """A :meth:`ComponentConfig.check_model` failure that belongs to one field.
+
+    ``JobConfig`` reports it at the path ``<section>.<field>`` (for example
+    ``arch.cross_attention_every_n_layers``); a plain ``ValueError`` raised by the hook
+    is reported at the section (``arch``).
+
+    Attributes:
+        field: the name of the offending field of the component config.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class ComponentConfig(StrictModel):
@@ -43,6 +62,26 @@ class ComponentConfig(StrictModel):
                 "equal to its entry-point name"
             )
         return field.default
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Check this component against the decoder config, without torch.
+
+        ``JobConfig`` calls it for the ``encoder``, ``adapter`` and ``arch`` sections once
+        each section (and ``model``) validated on its own, so a combination that the
+        builder would reject (e.g. more layers between cross-attention blocks than the
+        decoder has) fails ``vlm validate`` instead of ``vlm train``.  Override it to
+        check every constraint your builder enforces against the model; the default
+        accepts any model.
+
+        Raises:
+            ConfigFieldError: a field of this config does not fit ``model``; the
+                message should name the field, its value and the allowed range, e.g.
+                ``"7 exceeds model.n_layers (4); allowed: 1..4"``.  ``JobConfig``
+                reports it as a pydantic ``ValidationError`` at ``<section>.<field>``.
+            ValueError: the section as a whole does not fit ``model`` (reported at
+                ``<section>``).
+        """
+        return None
 
 
 class EncoderConfig(ComponentConfig):

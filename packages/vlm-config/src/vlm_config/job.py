@@ -12,9 +12,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Union
 
-from pydantic import BeforeValidator, Field, SerializeAsAny, create_model, model_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    create_model,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails
 
-from vlm_config.components import AdapterConfig, ArchConfig, EncoderConfig, StrictModel
+from vlm_config.components import (
+    AdapterConfig,
+    ArchConfig,
+    ComponentConfig,
+    ConfigFieldError,
+    EncoderConfig,
+    StrictModel,
+)
 from vlm_config.data import DataConfig
 from vlm_config.model import ModelConfig
 from vlm_config.parallel import ParallelConfig
@@ -93,6 +108,38 @@ def check_sequence_budget(budget: SequenceBudget) -> None:
         )
 
 
+def component_model_errors(
+    sections: dict[str, ComponentConfig], model: ModelConfig
+) -> list[InitErrorDetails]:
+    """Run every section's :meth:`~vlm_config.ComponentConfig.check_model` hook against
+    ``model`` and collect the failures as pydantic error details located at
+    ``<section>.<field>`` (a :class:`~vlm_config.ConfigFieldError`) or ``<section>``
+    (any other ``ValueError``)."""
+    details: list[InitErrorDetails] = []
+    for section, component in sections.items():
+        try:
+            component.check_model(model)
+        except ConfigFieldError as exc:
+            details.append(
+                InitErrorDetails(
+                    type="value_error",
+                    loc=(section, exc.field),
+                    input=getattr(component, exc.field, None),
+                    ctx={"error": exc},
+                )
+            )
+        except ValueError as exc:
+            details.append(
+                InitErrorDetails(
+                    type="value_error",
+                    loc=(section,),
+                    input=component.model_dump(),
+                    ctx={"error": exc},
+                )
+            )
+    return details
+
+
 def _fill_default_tags(data: Any) -> Any:
     if not isinstance(data, dict):
         return data
@@ -111,8 +158,11 @@ class JobConfig(StrictModel):
     """One training / inference job.
 
     Raises (as pydantic ``ValidationError``): unknown keys, unknown plugin names
-    (the message lists the installed ones), field constraint violations and a
-    sequence budget that exceeds ``model.max_seq_len``.
+    (the message lists the installed ones), field constraint violations, a plugin
+    section that its :meth:`~vlm_config.ComponentConfig.check_model` hook finds
+    incompatible with ``model`` (located at the offending field, e.g.
+    ``arch.cross_attention_every_n_layers``) and a sequence budget that exceeds
+    ``model.max_seq_len``.
     """
 
     name: str = "vlm"
@@ -128,6 +178,14 @@ class JobConfig(StrictModel):
     @classmethod
     def _defaults(cls, data: Any) -> Any:
         return _fill_default_tags(data)
+
+    @model_validator(mode="after")
+    def _components_fit_model(self) -> JobConfig:
+        sections = {section: getattr(self, section) for section in PLUGIN_SECTIONS}
+        details = component_model_errors(sections, self.model)
+        if details:
+            raise ValidationError.from_exception_data(type(self).__name__, details)
+        return self
 
     @model_validator(mode="after")
     def _budget(self) -> JobConfig:

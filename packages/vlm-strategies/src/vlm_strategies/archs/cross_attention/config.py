@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from vlm_config import ArchConfig
+from vlm_config import ArchConfig, ConfigFieldError, ModelConfig
 
 
 class CrossAttentionConfig(ArchConfig):
@@ -17,10 +17,12 @@ class CrossAttentionConfig(ArchConfig):
     computes exactly the text-only decoder. The residual stream holds text only.
 
     Fields:
-        cross_attention_every_n_layers: ``N >= 1``; must not exceed ``model.n_layers``
-            (checked when the model is built, a ``ValueError``).
+        cross_attention_every_n_layers: ``N >= 1``; must not exceed ``model.n_layers``.
         cross_attention_kv_heads: key/value heads of the cross-attention (GQA); ``None``
-            = the decoder's ``kv_heads``. Must divide ``model.n_heads`` (checked at build).
+            = the decoder's ``kv_heads``. Must divide ``model.n_heads``.
+
+    Both constraints are checked against the model section by :meth:`check_model` when
+    the job config validates (``vlm validate``), and again when the model is built.
 
     Freeze alias ``cross_attention``: every parameter of the inserted blocks
     (``transformer.trunk.cross_layers.*``); ``transformer`` covers them too, so
@@ -40,3 +42,32 @@ class CrossAttentionConfig(ArchConfig):
     def residual_image_positions(self, num_visual_tokens: int) -> int:
         """Images enter from the side: no image positions in the residual stream."""
         return 0
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Reject a block spacing longer than the decoder and KV heads that do not
+        divide ``model.n_heads``.
+
+        Raises:
+            ConfigFieldError: naming ``cross_attention_every_n_layers`` or
+                ``cross_attention_kv_heads`` and the allowed values.
+        """
+        n, layers = self.cross_attention_every_n_layers, model.n_layers
+        if n > layers:
+            raise ConfigFieldError(
+                "cross_attention_every_n_layers",
+                f"arch.cross_attention_every_n_layers ({n}) exceeds model.n_layers ({layers}): "
+                f"no cross-attention block would be inserted; allowed: 1..{layers}",
+            )
+        kv = self.cross_attention_kv_heads
+        if kv is not None and model.n_heads % kv:
+            raise ConfigFieldError(
+                "cross_attention_kv_heads",
+                f"arch.cross_attention_kv_heads ({kv}) must divide model.n_heads "
+                f"({model.n_heads}); allowed: {divisors(model.n_heads)} or unset (the "
+                "decoder's kv heads)",
+            )
+
+
+def divisors(n: int) -> list[int]:
+    """The positive divisors of ``n`` in increasing order."""
+    return [d for d in range(1, n + 1) if n % d == 0]
