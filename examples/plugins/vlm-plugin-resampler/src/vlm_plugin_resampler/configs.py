@@ -6,7 +6,11 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from vlm_config import AdapterConfig, ArchConfig
+from vlm_config import AdapterConfig, ArchConfig, ConfigFieldError, ModelConfig
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 class PerceiverResamplerConfig(AdapterConfig):
@@ -19,7 +23,8 @@ class PerceiverResamplerConfig(AdapterConfig):
     Fields:
         num_latents: output tokens ``M``.
         depth: resampler layers (attention + FFN each).
-        num_heads: attention heads; must divide the decoder width (checked at build).
+        num_heads: attention heads; must divide the decoder width ``model.dim`` (checked
+            by :meth:`check_model` when the job validates, and again at build).
         ffn_mult: FFN hidden width as a multiple of the decoder width.
     """
 
@@ -35,6 +40,19 @@ class PerceiverResamplerConfig(AdapterConfig):
             raise ValueError(f"perceiver_resampler needs >= 1 input token, got {num_input_tokens}")
         return self.num_latents
 
+    def check_model(self, model: ModelConfig) -> None:
+        """The resampler works at the decoder width: ``num_heads`` must divide ``model.dim``.
+
+        Raises:
+            ConfigFieldError: naming ``num_heads`` and the allowed values.
+        """
+        if model.dim % self.num_heads:
+            raise ConfigFieldError(
+                "num_heads",
+                f"adapter.num_heads ({self.num_heads}) must divide the decoder width "
+                f"model.dim ({model.dim}); allowed: {_divisors(model.dim)}",
+            )
+
 
 class GatedCrossAttentionConfig(ArchConfig):
     """Flamingo-style gated cross-attention dense blocks inserted before every
@@ -44,7 +62,9 @@ class GatedCrossAttentionConfig(ArchConfig):
 
     Fields:
         every_n_layers: insert a gated block before decoder blocks ``0, N, 2N, ...``.
-        kv_heads: key/value heads of the cross-attention (``None`` = decoder's).
+        kv_heads: key/value heads of the cross-attention (``None`` = decoder's); must
+            divide ``model.n_heads`` (checked by :meth:`check_model` when the job
+            validates, and again at build).
         gate_init: initial value of the ``tanh`` gates' parameters.
         media_mask: text attends only to the visual tokens of real frames (always on;
             kept as a field to document the Flamingo option of per-token media masks).
@@ -71,3 +91,16 @@ class GatedCrossAttentionConfig(ArchConfig):
 
     def residual_image_positions(self, num_visual_tokens: int) -> int:
         return 0
+
+    def check_model(self, model: ModelConfig) -> None:
+        """``kv_heads``, when set, must divide ``model.n_heads`` (grouped-query attention).
+
+        Raises:
+            ConfigFieldError: naming ``kv_heads`` and the allowed values.
+        """
+        if self.kv_heads is not None and model.n_heads % self.kv_heads:
+            raise ConfigFieldError(
+                "kv_heads",
+                f"arch.kv_heads ({self.kv_heads}) must divide model.n_heads ({model.n_heads}); "
+                f"allowed: {_divisors(model.n_heads)} or unset (the decoder's kv heads)",
+            )
