@@ -7,7 +7,8 @@ Two vision encoders: the weight-free ``random`` stub (64 tokens of width 192) an
 tiny SigLIP tower built from config (hidden 192, 2 layers, 3 heads, MLP 768, patch 4 on
 32 px = 64 tokens, trainable).
 
-Rows (``ours`` = ``vlm_strategies.build_vlm``; peers from Hugging Face transformers):
+Rows (``ours`` = ``vlm_train.Trainer.step()``, the step ``vlm train`` runs, fed the
+shared inputs as its micro-batch; peers from Hugging Face transformers):
 
 * ``joint_decoder`` vs ``LlavaForConditionalGeneration`` (Llama text config of the same
   size, same SigLIP vision config with ``vision_use_head=False``,
@@ -38,8 +39,14 @@ Weights: the decoder (and SigLIP tower and adapter) of each peer are copied from
 differ only where the designs differ: Mllama's cross blocks are zero-gated at init on
 both sides, so its first loss matches too).  Loss: ``causal_lm_loss`` (float32
 cross-entropy over the text positions) for everybody, plus MoMa's auxiliary losses for
-ours.  Optimizer: ``torch.optim.AdamW(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)``
-with the same ``--adamw`` implementation (default ``fused``) on both sides.  Timed steps
+ours (the Trainer fuses the LM head with the cross-entropy).  Optimizer:
+``torch.optim.AdamW(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)``: ours is the
+Trainer's (fused; no decay on 1-D parameters; its schedule held constant), the peers'
+implementation is ``--adamw`` (default ``fused``).  The Trainer's step also steps its
+lr schedule and writes a metrics record every 10 steps; gradient clipping is off
+(``train.grad_clip = None``) because the peers' steps do not clip.  ``--unfused-row``
+adds ``joint_unfused_ce``, an ablation outside the Trainer (full logits, then
+``causal_lm_loss``; the peer step's optimizer).  Timed steps
 of all models of one encoder group alternate (rotating order), so machine drift hits
 all alike.  ``tokens/s`` counts text + visual tokens (``B * 192``).
 
@@ -242,6 +249,9 @@ class Runner:
     flops: int
     peers: tuple[str, ...] = ()  # the rows this one is compared with
     opt: torch.optim.Optimizer | None = None
+    trainer: Any = None  # ours: the vlm_train.Trainer whose step() is timed
+    batches: list[Any] = field(default_factory=list)  # ours: the fixed micro-batch
+    arch: dict[str, Any] = field(default_factory=dict)  # ours: the arch section
     times: list[float] = field(default_factory=list)
     growth: int = 0
     first_loss: float = float("nan")
@@ -252,6 +262,8 @@ class Runner:
         return f"{self.name}/{self.group}/{self.dtype}"
 
     def step(self) -> Tensor:
+        if self.trainer is not None:  # the step `vlm train` runs, on the shared inputs
+            return torch.tensor(self.trainer.step(self.batches))
         assert self.opt is not None
         ctx = (
             torch.autocast("cpu", dtype=torch.bfloat16)
@@ -266,7 +278,9 @@ class Runner:
         return loss.detach()
 
 
-def job_config(arch: dict[str, Any], encoder: str) -> Any:
+def job_config(
+    arch: dict[str, Any], encoder: str, train: dict[str, Any] | None = None, **sections: Any
+) -> Any:
     from vlm_config import JobConfig
 
     enc: dict[str, Any]
@@ -291,22 +305,71 @@ def job_config(arch: dict[str, Any], encoder: str) -> Any:
             "encoder": enc,
             "adapter": {"type": "mlp_2layer"},
             "arch": {"max_text_len": TEXT, **arch},
+            "train": train or {},
+            **sections,
         }
     )
 
 
-def ours_loss(
-    pixels: Tensor, ids: Tensor, labels: Tensor, fused: bool = True
-) -> Callable[[Any], Tensor]:
+def make_trainer(
+    arch: dict[str, Any], encoder: str, dtype: str, run_dir: Path, compile_blocks: bool = False
+) -> Any:
+    """A set-up :class:`vlm_train.Trainer` of the shared size, its optimizer matching
+    the peers' (AdamW lr 1e-4, betas (0.9, 0.95), weight decay 0.1, constant lr: no
+    warmup, a cosine over 10^6 steps) and no gradient clipping (the peers' steps do
+    not clip).  Everything else is what ``vlm train`` does: fused AdamW, the fused
+    LM-head loss, auxiliary losses, bf16 autocast for the bfloat16 rows, Inductor per
+    trunk block with ``compile_blocks`` (``parallel.compile = true``)."""
+    from vlm_train import Trainer
+
+    train = {
+        "steps": 10**6,
+        "batch_size": BATCH,
+        "lr": 1e-4,
+        "betas": [0.9, 0.95],
+        "weight_decay": 0.1,
+        "warmup_steps": 0,
+        "min_lr_ratio": 1.0,
+        "grad_clip": None,
+        "autocast_bf16": dtype == "bfloat16",
+        "progress": False,
+        "eval_at_end": False,
+        "export": False,
+        "resume": False,
+        "output_dir": str(run_dir),
+    }
+    job = job_config(arch, encoder, train, parallel={"compile": compile_blocks})
+    trainer = Trainer(job, log=lambda _msg: None)
+    trainer.setup()
+    return trainer
+
+
+def fixed_batches(pixels: Tensor, ids: Tensor, labels: Tensor) -> list[Any]:
+    """The shared inputs as the Trainer's one micro-batch (a ``vlm_train.Batch``)."""
+    n = ids.shape[0]
+    return [
+        {
+            "pixel_values": pixels,
+            "frame_mask": None,
+            "input_ids": ids,
+            "labels": labels,
+            "attention_mask": torch.ones_like(ids, dtype=torch.bool),
+            "prompts": [""] * n,
+            "captions": [""] * n,
+            "meta": [{} for _ in range(n)],
+        }
+    ]
+
+
+def unfused_loss(pixels: Tensor, ids: Tensor, labels: Tensor) -> Callable[[Any], Tensor]:
+    """The ``joint_unfused_ce`` ablation (``--unfused-row``): full ``(B, S, V)`` logits,
+    then ``causal_lm_loss``.  Not what ``vlm train`` runs (its step fuses the LM head
+    with the cross-entropy), so it is measured outside the Trainer."""
     from vlm_strategies import causal_lm_loss
 
     def forward(model: Any) -> Tensor:
-        loss_fn = getattr(model, "loss", None) if fused else None
-        if callable(loss_fn):  # the fused/chunked loss path, when the wrapper has one
-            loss = loss_fn(pixels, ids, labels)
-        else:
-            logits, _ = model(pixels, ids, labels)
-            loss = causal_lm_loss(logits, labels)
+        logits, _ = model(pixels, ids, labels)
+        loss = causal_lm_loss(logits, labels)
         aux = model.auxiliary_losses()
         if aux:
             loss = loss + sum(aux.values())
@@ -402,35 +465,47 @@ def build_runners(
     labels = ids.clone()
     runners: list[Runner] = []
 
-    torch.manual_seed(0)
-    joint = build_vlm(job_config({"arch": "joint_decoder"}, group)).train()
+    runs = Path(args.out) / "trainer_runs" / f"{group}_{dtype}_{os.getpid()}"
+    batches = fixed_batches(pixels, ids, labels)
+
+    def trainer_for(name: str, arch: dict[str, Any]) -> Any:
+        return make_trainer(arch, group, dtype, runs / name)
+
+    joint_trainer = trainer_for("joint_decoder", {"arch": "joint_decoder"})
+    joint = joint_trainer.model
     ffn = joint.transformer.config.hidden_dim
     dec_cfg = joint.transformer.config
     hf_dec = to_hf_state_dict(joint.transformer.state_dict(), dec_cfg)
-
-    fused_loss = ours_loss(pixels, ids, labels)
 
     def add(
         name: str,
         side: str,
         model: nn.Module,
-        forward: Callable[[Any], Tensor],
+        forward: Callable[[Any], Tensor] | None,
         kind: str,
         peers: tuple[str, ...] = (),
         moma_ks: list[int] | None = None,
+        trainer: Any = None,
+        arch: dict[str, Any] | None = None,
     ) -> None:
-        """A runner of this group and dtype, with the model FLOPs of ``kind``."""
+        """A runner of this group and dtype, with the model FLOPs of ``kind``; ours
+        (``trainer`` given) times ``trainer.step`` on the shared inputs."""
         flops = model_flops(kind, group, ffn, moma_ks)
-        runners.append(Runner(name, group, dtype, side, model, forward, flops, peers=peers))
+        runner = Runner(name, group, dtype, side, model, forward, flops, peers=peers)
+        if trainer is not None:
+            runner.trainer, runner.batches, runner.arch = trainer, batches, arch or {}
+        runners.append(runner)
 
     if "joint_decoder" in archs:
         add(
             "joint_decoder",
             "ours",
             joint,
-            fused_loss,
+            None,
             "joint_decoder",
             peers=("llava",),
+            trainer=joint_trainer,
+            arch={"arch": "joint_decoder"},
         )
         vcfg = SiglipVisionConfig(**SIGLIP_TOWER, vision_use_head=False)
         lcfg = LlavaConfig(
@@ -481,19 +556,16 @@ def build_runners(
                 "joint_unfused_ce",
                 "ours",
                 plain,
-                ours_loss(pixels, ids, labels, fused=False),
+                unfused_loss(pixels, ids, labels),
                 "joint_decoder",
                 peers=("llava",),
             )
         add("llava", "peer", llava, llava_fwd, "joint_decoder")
 
     if "cross_attention" in archs:
-        torch.manual_seed(0)
-        cross = build_vlm(
-            job_config(
-                {"arch": "cross_attention", "cross_attention_every_n_layers": CROSS_EVERY}, group
-            )
-        ).train()
+        cross_arch = {"arch": "cross_attention", "cross_attention_every_n_layers": CROSS_EVERY}
+        cross_trainer = trainer_for("cross_attention", cross_arch)
+        cross = cross_trainer.model
         # same decoder weights as the joint model (so every peer shares one decoder)
         cross.transformer.load_state_dict(joint.transformer.state_dict(), strict=False)
         cross.vision_encoder.load_state_dict(joint.vision_encoder.state_dict())
@@ -502,9 +574,11 @@ def build_runners(
             "cross_attention",
             "ours",
             cross,
-            fused_loss,
+            None,
             "cross_attention",
             peers=("mllama",),
+            trainer=cross_trainer,
+            arch=cross_arch,
         )
         n_total = LAYERS + LAYERS // CROSS_EVERY
         cross_idx = [i for i in range(n_total) if (i + 1) % (CROSS_EVERY + 1) == 0]
@@ -548,9 +622,17 @@ def build_runners(
         add("mllama", "peer", peer, mllama_fwd, "cross_attention")
 
     if "mot" in archs:
-        torch.manual_seed(0)
-        mot = build_vlm(job_config({"arch": "mot"}, group)).train()
-        add("mot", "ours", mot, fused_loss, "mot", peers=("llama",))
+        mot_trainer = trainer_for("mot", {"arch": "mot"})
+        add(
+            "mot",
+            "ours",
+            mot_trainer.model,
+            None,
+            "mot",
+            peers=("llama",),
+            trainer=mot_trainer,
+            arch={"arch": "mot"},
+        )
 
     if "moma" in archs:
         from vlm_strategies.archs.moma.experts import MoMaExperts
@@ -558,10 +640,9 @@ def build_runners(
         for loop in (False, True):
             if loop and not args.moma_loop:
                 continue
-            torch.manual_seed(0)
-            moma = build_vlm(
-                job_config({"arch": "moma", "experts_per_modality": MOMA_EXPERTS}, group)
-            ).train()
+            moma_arch = {"arch": "moma", "experts_per_modality": MOMA_EXPERTS}
+            moma_trainer = trainer_for("moma_loop" if loop else "moma", moma_arch)
+            moma = moma_trainer.model
             layer0 = next(m for m in moma.modules() if isinstance(m, MoMaExperts))
             ks = layer0.capacities((IMG_TOKENS, TEXT), IMG_TOKENS + TEXT)
             if loop:
@@ -570,10 +651,12 @@ def build_runners(
                 "moma_loop" if loop else "moma",
                 "ours",
                 moma,
-                fused_loss,
+                None,
                 "moma",
                 peers=("moma_loop", "llama") if not loop and args.moma_loop else ("llama",),
                 moma_ks=ks,
+                trainer=moma_trainer,
+                arch=moma_arch,
             )
 
     if "llama" in archs:
@@ -587,7 +670,8 @@ def build_runners(
         add("llama", "peer", llama, llama_fwd, "llama")
 
     for r in runners:
-        r.opt = make_optimizer(r.model, args.adamw)
+        if r.trainer is None:
+            r.opt = make_optimizer(r.model, args.adamw)
     return runners
 
 
@@ -627,27 +711,38 @@ def compiled_copies(
     runners: list[Runner], names: set[str], args: argparse.Namespace
 ) -> list[Runner]:
     """``<name>+compile`` deep copies of the runners named in ``names`` (see the module
-    docstring); ours via :func:`vlm_parallel.apply_compile`, peers via ``model.compile()``."""
+    docstring); ours are Trainers with ``parallel.compile = true`` (:func:`vlm_parallel.
+    apply_compile` per trunk block) loaded with the eager weights, peers ``model.compile()``."""
     from dataclasses import replace
-
-    from vlm_parallel import apply_compile
 
     chosen = [r for r in runners if r.name in names]
     compiled = {r.name for r in chosen}
+    runs = Path(args.out) / "trainer_runs" / f"compiled_{os.getpid()}"
     out = []
     for r in chosen:
-        model = copy.deepcopy(r.model)
+        trainer = None
+        if r.trainer is not None:  # ours: a Trainer with parallel.compile = true
+            trainer = make_trainer(r.arch, r.group, r.dtype, runs / r.name, compile_blocks=True)
+            trainer.model.load_state_dict(r.model.state_dict())
+            model = trainer.model
+        else:
+            model = copy.deepcopy(r.model)
+            model.compile()
         if r.name == "moma_loop":  # the patched forward closes over the original layers
             patch_moma_loop(model)
-        if r.side == "ours":
-            apply_compile(model)
-        else:
-            model.compile()
         peers = (*r.peers, *(f"{p}+compile" for p in r.peers if p in compiled))
         twin = replace(
-            r, name=f"{r.name}+compile", model=model, peers=peers, opt=None, times=[], growth=0
+            r,
+            name=f"{r.name}+compile",
+            model=model,
+            peers=peers,
+            opt=None,
+            trainer=trainer,
+            times=[],
+            growth=0,
         )
-        twin.opt = make_optimizer(model, args.adamw)
+        if trainer is None:
+            twin.opt = make_optimizer(model, args.adamw)
         out.append(twin)
     return out
 
@@ -883,17 +978,20 @@ def main() -> None:
         help="archs also measured under bf16 autocast (random encoder); '' = none",
     )
     p.add_argument("--no-moma-loop", dest="moma_loop", action="store_false")
-    p.add_argument("--adamw", choices=["fused", "foreach", "for-loop"], default="fused")
+    p.add_argument(
+        "--adamw",
+        choices=["fused", "foreach", "for-loop"],
+        default="fused",
+        help="the peers' AdamW (ours is always the Trainer's: fused)",
+    )
     p.add_argument(
         "--profile", default="", help="tag: save top-10 op tables of joint_decoder/llava"
     )
     p.add_argument(
-        "--no-unfused-row",
-        dest="unfused_row",
-        action="store_false",
-        help="skip the joint-decoder row that uses logits + causal_lm_loss",
+        "--unfused-row",
+        action="store_true",
+        help="add the joint_unfused_ce ablation row (logits + causal_lm_loss, outside the Trainer)",
     )
-    p.add_argument("--unfused-row", dest="unfused_row", action="store_true")
     p.add_argument("--no-flop-count", dest="flop_count", action="store_false")
     p.add_argument(
         "--compile",

@@ -113,8 +113,10 @@ def build_optimizer(model: nn.Module, job: JobConfig) -> torch.optim.Optimizer:
     """AdamW over every parameter (frozen ones get no gradient and stay untouched, and
     may be unfrozen later by the freeze schedule); no weight decay on 1-D parameters.
 
-    The fused implementation (one kernel per parameter group) is used on every device:
-    it was measured the fastest on CPU and CUDA and supports FSDP2's DTensor parameters.
+    The implementation is ``fused=True`` on every device (CPU fused AdamW exists since
+    torch 2.4): on CPU its ``step()`` took 0.7 ms against 7.1 ms for ``foreach`` on the
+    digits example model, it trains FSDP2's DTensor parameters on CPU/gloo (the
+    2-process test), and PyTorch documents it as the fastest on CUDA.
     """
     cfg = job.train
     decay: list[nn.Parameter] = []
