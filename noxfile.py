@@ -336,8 +336,10 @@ def plugin(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Training-step benchmark of every arch vs its Hugging Face peer (not run by default).
 
-    Writes ``build/bench/bench_vlm.json``, ``bench_vlm.png`` and prints the table; extra
-    arguments go to ``benchmarks/bench_vlm.py`` (e.g. ``nox -s bench -- --steps 20``).
+    Our rows time ``vlm_train.Trainer.step()`` (the step ``vlm train`` runs), so every
+    package is installed, vlm-train included.  Writes ``build/bench/bench_vlm.json``,
+    ``bench_vlm.png`` and prints the table; extra arguments go to
+    ``benchmarks/bench_vlm.py`` (e.g. ``nox -s bench -- --steps 20``).
     """
     install_packages(session, list(PACKAGES), extra="hf")
     install(session, "matplotlib")
