@@ -399,7 +399,7 @@ def load_hf_decoder_weights(model: Transformer, path: str | Path) -> list[str]:
     Raises:
         ValueError: a config mismatch (naming both values), a tied/untied contradiction,
             missing / unexpected / mis-shaped weights, or checkpoint weights that find no
-            parameter in ``model`` (a trunk without the dense layer names, e.g. per-modality copies).
+            parameter in ``model`` (a trunk without the dense layer names, e.g. modality copies).
         FileNotFoundError: no folder or no ``config.json``.
     """
     folder = Path(path).expanduser()
