@@ -66,6 +66,8 @@ def _max_diff(ours: Transformer, hf: Any, ids: torch.Tensor) -> float:
 def test_conflicting_tie_loads_the_head_like_transformers(tmp_path: Path) -> None:
     """config.json says tied, the weights hold a different lm_head: transformers 5 keeps
     both (untied); so do we, and the logits agree."""
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4 ties a conflicting lm_head to the embeddings; we follow 5")
     folder, original = _llama(tmp_path, tied=False)
     _edit_config(folder, tie_word_embeddings=True)
     assert resolve_hf_tie(folder) is False
