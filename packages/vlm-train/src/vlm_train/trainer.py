@@ -44,6 +44,7 @@ from vlm_train.evaluate import EvalResult, evaluate, format_eval
 from vlm_train.plot import plot_loss_curve, read_metrics
 from vlm_train.schedule import lr_factor
 from vlm_train.sources import build_datasets, build_tokenizer
+from vlm_train.tokenizer import TextTokenizer
 
 __all__ = [
     "SAFE_RESUME_FIELDS",
@@ -399,21 +400,11 @@ class Trainer:
             raise ConfigError(f"cannot build the model: {exc}") from exc
 
     def _build_data(self, *, resuming: bool) -> None:
-        from vlm_parallel import barrier
-
+        """Datasets, tokeniser, collator and the global-batch sampler."""
         job = self.job
         datasets = build_datasets(job, self.model.vision_encoder.preprocess)
         self.train_set, self.test_set = datasets["train"], datasets.get("test")
-        tok_path = self.run_dir / "tokenizer.json"
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            reuse = resuming and tok_path.is_file()
-            self.tokenizer = build_tokenizer(job, self.train_set, saved=tok_path if reuse else None)
-            if not reuse:
-                self.tokenizer.save(tok_path)
-        barrier()
-        if not self.dist.is_main:
-            self.tokenizer = build_tokenizer(job, None, saved=tok_path)
+        self.tokenizer = self._tokenizer(resuming=resuming)
         self.collator = ImageTextCollator(self.tokenizer, job.arch.max_text_len)
         if job.data.source in ("digits", "digits_video"):
             # fail early on captions that do not fit (cheap for the embedded data)
@@ -428,6 +419,26 @@ class Trainer:
             curriculum_steps=job.data.curriculum_steps,
         )
         self._positions = getattr(self.model, "num_image_positions", 0) + job.arch.max_text_len
+
+    def _tokenizer(self, *, resuming: bool) -> TextTokenizer:
+        """The main rank reuses the run's ``tokenizer.json`` when resuming, else builds
+        one and saves it (the only write before a checkpoint loads, and only for a fresh
+        run); the other ranks then load the saved file."""
+        from vlm_parallel import barrier
+
+        tok_path = self.run_dir / "tokenizer.json"
+        tokenizer: TextTokenizer | None = None
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            reuse = resuming and tok_path.is_file()
+            saved = tok_path if reuse else None
+            tokenizer = build_tokenizer(self.job, self.train_set, saved=saved)
+            if not reuse:
+                tokenizer.save(tok_path)
+        barrier()
+        if tokenizer is None:
+            tokenizer = build_tokenizer(self.job, None, saved=tok_path)
+        return tokenizer
 
     def _restore(self, resume_point: Path | None) -> None:
         """Load the newest readable checkpoint (an unreadable newer one is skipped with
