@@ -28,6 +28,15 @@ Two bases:
   set ``incremental_decoding = False``; forgetting is a ``TypeError`` when the arch is
   built, naming the class and the method.
 
+Images anywhere (a :class:`~vlm_strategies.MediaBatch`: 0..k images per sample at
+placeholder positions, packing): :meth:`~ArchImplementation.prepare_media` is the entry
+point (forward, loss, prefill and every full-recompute step), which by default encodes
+the images with ``wrapper.encode_media`` and calls
+:meth:`~ArchImplementation.media_context`; a cached decode step calls
+:meth:`~ArchImplementation.media_decode_context`.  An arch that does not override
+:meth:`~ArchImplementation.media_context` supports only the image-prefix layout and
+raises a ``ValueError`` naming itself for a ``MediaBatch``.
+
 Nothing in the core branches on which arch it holds.
 """
 
@@ -39,6 +48,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 from torch import Tensor
 
 from vlm_config import ArchConfig, ModelConfig
+from vlm_strategies.media import MediaBatch, MediaEmbeds, placeholders_per_image
 from vlm_transformer import KVCache, ModalityContext, Trunk
 
 if TYPE_CHECKING:
@@ -129,6 +139,86 @@ class ArchImplementation(abc.ABC):
     def __init__(self, config: ArchConfig, model_config: ModelConfig) -> None:
         self.config = config
         self.model_config = model_config
+
+    @property
+    def supports_media(self) -> bool:
+        """Whether the arch overrides :meth:`media_context` (images anywhere)."""
+        return type(self).media_context is not ArchImplementation.media_context
+
+    def image_placeholders(self, num_visual_tokens: int) -> int:
+        """Placeholder ids per image in a :class:`MediaBatch`: the residual image
+        positions, or 1 for archs that read images from the side
+        (:func:`~vlm_strategies.media.placeholders_per_image`)."""
+        return placeholders_per_image(self.image_positions(num_visual_tokens))
+
+    def prepare_media(self, wrapper: VLMWrapper, batch: MediaBatch) -> ModalityContext:
+        """The strategy for images anywhere: a :class:`MediaBatch` -> the
+        :class:`ModalityContext` of a full forward over ``batch.input_ids``.
+
+        Used by :meth:`VLMWrapper.forward`, :meth:`VLMWrapper.loss`, the prefill of
+        :meth:`VLMWrapper.generate` and every full-recompute step (then ``batch`` is the
+        prompt batch extended with the generated tokens).  The default encodes with
+        ``wrapper.encode_media(batch, self.image_placeholders(...))`` and returns
+        :meth:`media_context`.
+
+        Raises:
+            ValueError: the arch supports only the image-prefix layout, or the batch's
+                placeholders do not match its images.
+        """
+        if not self.supports_media:
+            raise ValueError(self._prefix_only_message())
+        media = wrapper.encode_media(batch, self.image_placeholders(wrapper.num_image_tokens))
+        return self.media_context(media)
+
+    def _prefix_only_message(self) -> str:
+        cls = type(self)
+        return (
+            f"arch {getattr(self.config, 'arch', '?')!r} ({cls.__module__}.{cls.__qualname__})"
+            " supports only the image-prefix layout (pixel_values (B,3,H,W) + input_ids): "
+            "it does not implement media_context(), so a MediaBatch (images at placeholder "
+            "positions, text-only rows, packing) cannot be used with it"
+        )
+
+    def media_context(self, media: MediaEmbeds) -> ModalityContext:
+        """The context of a full forward over ``media.batch.input_ids`` with the images
+        at their placeholders (override to support images anywhere; see
+        :mod:`vlm_strategies.media` for helpers).
+
+        Contract: a row (or packed sample) with no image must compute exactly the
+        text-only decoder; a text-only batch must still route :attr:`MediaEmbeds.dummy`
+        into the forward (e.g. as ``grad_anchor``) so every parameter gets a (zero)
+        gradient; no attention, position or routing state may cross a
+        ``sequence_ids`` boundary.
+
+        Raises:
+            ValueError: always, in the base class (prefix layout only).
+        """
+        raise ValueError(self._prefix_only_message())
+
+    def media_decode_context(
+        self, media: MediaEmbeds, new_ids: Tensor, cache: KVCache
+    ) -> ModalityContext | None:
+        """The context of one cached decode step after a :meth:`prepare_media`
+        prefill; the new tokens are text and come after every image of their row.
+        :class:`PrefixArchImplementation` returns ``None`` (the images live in the KV
+        cache); an arch that reads images from the side overrides it.
+
+        Args:
+            media: what ``wrapper.encode_media`` returned for the prompt batch.
+            new_ids: ``(B, s)`` long tokens of this step.
+            cache: the generation's :class:`KVCache`.
+
+        Raises:
+            TypeError: in this base class: an arch with ``media_context`` and
+                ``incremental_decoding`` must implement it.
+        """
+        cls = type(self)
+        raise TypeError(
+            f"arch implementation {cls.__module__}.{cls.__qualname__} implements "
+            "media_context() with incremental_decoding = True but not "
+            "media_decode_context(): implement it (the context of a cached decode step "
+            "after an interleaved prompt)"
+        )
 
     def build_trunk(self) -> Trunk | None:
         """The decoder trunk this arch needs, built (on the current default device) from
@@ -242,4 +332,11 @@ class PrefixArchImplementation(ArchImplementation):
                 "cached decode step would drop them. Implement decode_context() (or "
                 "subclass ArchImplementation and implement it there)"
             )
+        return None
+
+    def media_decode_context(
+        self, media: MediaEmbeds, new_ids: Tensor, cache: KVCache
+    ) -> ModalityContext | None:
+        """``None``: the new positions are text; the visual tokens entered the residual
+        stream at their placeholders during the prefill and live in ``cache``."""
         return None

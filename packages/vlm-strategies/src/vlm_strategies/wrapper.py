@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlm_strategies.api import ArchImplementation
+from vlm_strategies.media import MediaBatch, MediaEmbeds
 from vlm_strategies.video import FramePositionEmbedding, expand_frame_mask, fold_frames
 from vlm_transformer import KVCache, ModalityContext, Transformer, linear_cross_entropy
 from vlm_transformer import generate as _generate
@@ -198,34 +199,100 @@ class VLMWrapper(nn.Module):
             tokens = tokens * valid[..., None].to(tokens.dtype)
         return tokens, valid
 
+    def encode_media(self, batch: MediaBatch, placeholders: int | None = None) -> MediaEmbeds:
+        """The images of a :class:`MediaBatch` -> per-image visual tokens + layout.
+
+        Every image (or clip) runs through the encoder, adapter and frame positions like
+        :meth:`encode_images` (one image per "row"). A batch whose ``pixel_values`` is
+        ``(0, ...)`` runs them on one zero image instead and returns that output ``* 0``
+        as :attr:`MediaEmbeds.dummy`, so an FSDP2 rank with a text-only micro-batch
+        takes part in every collective of the encoder and adapter (see
+        :mod:`vlm_strategies.media`).  Memoised within :meth:`generate` for its batch's
+        ``pixel_values``.
+
+        Args:
+            placeholders: placeholder ids per image; default the arch's
+                ``image_placeholders(num_image_tokens)``.
+
+        Raises:
+            ValueError: placeholder counts that do not match the images, a frame count
+                other than ``frames_per_clip``, or a malformed ``frame_mask``.
+        """
+        if placeholders is None:
+            placeholders = self.strategy.image_placeholders(self.num_image_tokens)
+        layout = batch.layout(placeholders)
+        px = batch.pixel_values
+        if px is None:
+            dim = self.transformer.config.dim
+            empty = self.transformer.embed.weight.new_zeros(0, self.num_image_tokens, dim)
+            return MediaEmbeds(batch, layout, empty, None, None)
+        memo = self._image_memo
+        if memo is not None and memo.matches(px, batch.frame_mask):
+            if memo.media is None:
+                memo.media = self._encode_media_pixels(px, batch.frame_mask)
+            tokens, valid, dummy = memo.media
+        else:
+            tokens, valid, dummy = self._encode_media_pixels(px, batch.frame_mask)
+        return MediaEmbeds(batch, layout, tokens, valid, dummy)
+
+    def _encode_media_pixels(
+        self, pixel_values: Tensor, frame_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        if pixel_values.shape[0] == 0:
+            zero = pixel_values.new_zeros(1, *pixel_values.shape[1:])
+            tokens, _ = self._encode_images(zero, None)
+            empty = tokens.new_zeros(0, *tokens.shape[1:])
+            return empty, None, tokens * 0.0
+        tokens, valid = self._encode_images(pixel_values, frame_mask)
+        return tokens, valid, None
+
     def forward(
         self,
-        pixel_values: Tensor,
-        input_ids: Tensor,
+        pixel_values: Tensor | MediaBatch,
+        input_ids: Tensor | None = None,
         labels: Tensor | None = None,
         frame_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Logits over the text positions.
 
+        Two layouts: the image prefix ``model(pixel_values, input_ids)`` (one image or
+        clip per row, before the text), or images anywhere ``model(batch)`` with a
+        :class:`MediaBatch` (0..k images per row at placeholder positions, packing);
+        then logits cover every position of ``batch.input_ids`` (placeholders included:
+        their labels are ignored) and ``labels`` defaults to ``batch.labels``.
+
         Args:
-            pixel_values: ``(B,3,H,W)`` or ``(B,F,3,H,W)``.
-            input_ids: ``(B,S)`` long.
+            pixel_values: ``(B,3,H,W)`` or ``(B,F,3,H,W)``, or a :class:`MediaBatch`.
+            input_ids: ``(B,S)`` long (prefix layout only).
             labels: ``(B,S)`` long aligned with ``input_ids`` (returned unchanged; see
                 :func:`causal_lm_loss`).
-            frame_mask: ``(B,F)`` bool.
+            frame_mask: ``(B,F)`` bool (prefix layout only).
 
         Returns:
             ``(logits (B,S,V), labels)``.
+
+        Raises:
+            ValueError: the arch supports only the prefix layout (for a
+                :class:`MediaBatch`), or a malformed batch.
+            TypeError: ``input_ids`` / ``frame_mask`` with a :class:`MediaBatch`, or no
+                ``input_ids`` without one.
         """
+        if isinstance(pixel_values, MediaBatch):
+            batch = _media_only(pixel_values, input_ids, frame_mask)
+            context = self.strategy.prepare_media(self, batch)
+            logits = self.transformer(batch.input_ids, context, positions=batch.position_ids)
+            return logits, batch.labels if labels is None else labels
+        if input_ids is None:
+            raise TypeError("VLMWrapper.forward(pixel_values, input_ids) needs input_ids")
         context = self.strategy.prepare(self, pixel_values, input_ids, frame_mask)
         logits = self.transformer(input_ids, context)
         return logits, labels
 
     def loss(
         self,
-        pixel_values: Tensor,
-        input_ids: Tensor,
-        labels: Tensor,
+        pixel_values: Tensor | MediaBatch,
+        input_ids: Tensor | None = None,
+        labels: Tensor | None = None,
         frame_mask: Tensor | None = None,
         *,
         chunk_size: int = 256,
@@ -239,15 +306,33 @@ class VLMWrapper(nn.Module):
         to float rounding; gradients flow as usual (auxiliary losses are not included,
         see :meth:`auxiliary_losses`).
 
+        Images anywhere: ``loss(batch)`` (labels from ``batch.labels``) or
+        ``loss(batch, labels=labels)`` with a :class:`MediaBatch`.
+
         Raises:
             ValueError: ``labels`` is not ``(B, S)`` like ``input_ids``.
+            TypeError: missing ``input_ids`` or ``labels``.
         """
+        positions = None
+        if isinstance(pixel_values, MediaBatch):
+            batch = _media_only(pixel_values, input_ids, frame_mask)
+            input_ids = batch.input_ids
+            labels = batch.labels if labels is None else labels
+            positions = batch.position_ids
+        if input_ids is None or labels is None:
+            raise TypeError(
+                "VLMWrapper.loss needs (pixel_values, input_ids, labels) or a MediaBatch "
+                "with labels"
+            )
         if labels.shape != input_ids.shape:
             raise ValueError(
                 f"labels must be (B, S) = {tuple(input_ids.shape)} like input_ids, got "
                 f"{tuple(labels.shape)}"
             )
-        context = self.strategy.prepare(self, pixel_values, input_ids, frame_mask)
+        if isinstance(pixel_values, MediaBatch):
+            context = self.strategy.prepare_media(self, pixel_values)
+        else:
+            context = self.strategy.prepare(self, pixel_values, input_ids, frame_mask)
         targets = shift_labels(labels).flatten()
 
         def head(hidden: Tensor) -> Tensor:
@@ -260,7 +345,7 @@ class VLMWrapper(nn.Module):
                 chunk_size=chunk_size,
             )
 
-        out: Tensor = self.transformer(input_ids, context, head=head)
+        out: Tensor = self.transformer(input_ids, context, head=head, positions=positions)
         return out
 
     def auxiliary_losses(self) -> dict[str, Tensor]:
@@ -270,8 +355,8 @@ class VLMWrapper(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        pixel_values: Tensor,
-        prompt_ids: Tensor,
+        pixel_values: Tensor | MediaBatch,
+        prompt_ids: Tensor | None = None,
         *,
         frame_mask: Tensor | None = None,
         max_new_tokens: int = 16,
@@ -288,9 +373,19 @@ class VLMWrapper(nn.Module):
         encoded once: ``encode_images`` is memoised for this call's ``pixel_values`` and
         ``frame_mask``.
 
+        Images anywhere: ``generate(batch, ...)`` with a :class:`MediaBatch` whose
+        prompts hold images at placeholder positions (several, in the middle, or none);
+        left padding comes from ``batch.attention_mask``.  The prefill runs
+        ``prepare_media``; cached steps ``media_decode_context``; full recomputation
+        ``prepare_media`` on the batch extended with the generated tokens (never
+        placeholders).  Packed batches (``sequence_ids``) and ``position_ids`` are
+        rejected: generate one prompt per row.
+
         Args:
-            pixel_values: ``(B,3,H,W)`` images or ``(B,F,3,H,W)`` clips.
-            prompt_ids: ``(B,S)`` long prompts (left-padded with ``attention_mask``).
+            pixel_values: ``(B,3,H,W)`` images or ``(B,F,3,H,W)`` clips, or a
+                :class:`MediaBatch`.
+            prompt_ids: ``(B,S)`` long prompts (left-padded with ``attention_mask``);
+                prefix layout only.
             frame_mask: ``(B,F)`` bool, True = real frame.
             max_new_tokens: upper bound on new tokens.
             use_cache: ``None`` (default) = the KV cache when the arch supports it;
@@ -304,9 +399,13 @@ class VLMWrapper(nn.Module):
             ``(B, S + T)`` long: prompts followed by the new tokens.
 
         Raises:
-            ValueError: ``use_cache=True`` for an arch that cannot decode incrementally.
+            ValueError: ``use_cache=True`` for an arch that cannot decode incrementally;
+                a packed :class:`MediaBatch` or one with ``position_ids``; a
+                :class:`MediaBatch` for a prefix-only arch.
             TypeError: ``context`` or ``decode_context_fn`` in ``kwargs`` (the arch
-                provides them).
+                provides them), ``prompt_ids``/``frame_mask`` with a :class:`MediaBatch`
+                or ``attention_mask`` in ``kwargs`` with one (it is
+                ``batch.attention_mask``).
         """
         strategy = self.strategy
         arch = type(strategy).__qualname__
@@ -321,6 +420,15 @@ class VLMWrapper(nn.Module):
                     f"VLMWrapper.generate builds {name} from the arch ({arch}); do not pass it"
                 )
         cached = strategy.incremental_decoding if use_cache is None else use_cache
+        if isinstance(pixel_values, MediaBatch):
+            return self._generate_media(
+                _media_only(pixel_values, prompt_ids, frame_mask),
+                cached,
+                max_new_tokens,
+                kwargs,
+            )
+        if prompt_ids is None:
+            raise TypeError("VLMWrapper.generate(pixel_values, prompt_ids) needs prompt_ids")
         was_training = self.training
         self.eval()
         self._image_memo = _ImageMemo(pixel_values, frame_mask)
@@ -350,6 +458,67 @@ class VLMWrapper(nn.Module):
             self._image_memo = None
             self.train(was_training)
 
+    def _generate_media(
+        self, batch: MediaBatch, cached: bool, max_new_tokens: int, kwargs: dict[str, Any]
+    ) -> Tensor:
+        strategy = self.strategy
+        if batch.sequence_ids is not None or batch.position_ids is not None:
+            raise ValueError(
+                "VLMWrapper.generate: a MediaBatch with sequence_ids (packing) or "
+                "position_ids cannot be generated from; give one prompt per row"
+            )
+        if "attention_mask" in kwargs:
+            raise TypeError(
+                "VLMWrapper.generate(batch): the padding comes from batch.attention_mask; "
+                "do not pass attention_mask"
+            )
+        if not strategy.supports_media:
+            raise ValueError(strategy._prefix_only_message())
+        was_training = self.training
+        self.eval()
+        px = batch.pixel_values
+        if px is not None:
+            self._image_memo = _ImageMemo(px, batch.frame_mask)
+        try:
+            context = strategy.prepare_media(self, batch)
+            media = self.encode_media(batch) if cached else None
+
+            def cached_step(
+                _step: int, new: Tensor, cache: KVCache | None
+            ) -> ModalityContext | None:
+                assert cache is not None and media is not None
+                return strategy.media_decode_context(media, new, cache)
+
+            prompt_len = batch.input_ids.shape[1]
+
+            def recompute_step(_step: int, ids: Tensor, _cache: KVCache | None) -> ModalityContext:
+                return strategy.prepare_media(self, batch.extended(ids[:, prompt_len:]))
+
+            return _generate(
+                self.transformer,
+                batch.input_ids,
+                max_new_tokens=max_new_tokens,
+                context=context,
+                decode_context_fn=cached_step if cached else recompute_step,
+                use_cache=cached,
+                attention_mask=batch.attention_mask,
+                **kwargs,
+            )
+        finally:
+            self._image_memo = None
+            self.train(was_training)
+
+
+def _media_only(
+    batch: MediaBatch, input_ids: Tensor | None, frame_mask: Tensor | None
+) -> MediaBatch:
+    if input_ids is not None or frame_mask is not None:
+        raise TypeError(
+            "with a MediaBatch, input_ids and frame_mask come from the batch; do not pass "
+            "them separately"
+        )
+    return batch
+
 
 class _ImageMemo:
     """``encode_images``' result for one ``(pixel_values, frame_mask)`` pair (by
@@ -359,6 +528,7 @@ class _ImageMemo:
         self.pixel_values = pixel_values
         self.frame_mask = frame_mask
         self.value: tuple[Tensor, Tensor | None] | None = None
+        self.media: tuple[Tensor, Tensor | None, Tensor | None] | None = None
 
     def matches(self, pixel_values: Tensor, frame_mask: Tensor | None) -> bool:
         return pixel_values is self.pixel_values and frame_mask is self.frame_mask

@@ -10,7 +10,7 @@ from vlm_transformer.init import init_module_tree, mark_output_projection, mark_
 from vlm_transformer.loss import linear_cross_entropy
 from vlm_transformer.masks import AttentionMask, build_attention_mask
 from vlm_transformer.mlp import GeluMLP, SwiGLU, build_mlp
-from vlm_transformer.model import Transformer
+from vlm_transformer.model import Transformer, segment_positions
 from vlm_transformer.norms import LayerNorm, RMSNorm, build_norm
 from vlm_transformer.rotary import RotaryEmbedding, apply_rotary, rotary_inv_freq, rotate_half
 from vlm_transformer.trunk import DenseTrunk, Trunk, TrunkInputs
@@ -48,4 +48,5 @@ __all__ = [
     "rotary_inv_freq",
     "rotate_half",
     "sample_next_token",
+    "segment_positions",
 ]

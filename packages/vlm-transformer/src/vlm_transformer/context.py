@@ -40,6 +40,26 @@ class ModalityContext:
             ``cumsum(key_padding_mask) - 1`` (so left padding does not shift positions).
         inputs_embeds: ``(B, S_text, D)`` floating, replaces the token embedding; passing
             ``input_ids`` too is an error.
+        placeholder_mask: ``(B, S_text)`` bool, True at the text positions whose token
+            embedding is replaced by a row of ``placeholder_embeds`` (images anywhere in
+            the sequence: their visual tokens fill placeholder positions).
+        placeholder_embeds: ``(K, D)`` floating with ``K = placeholder_mask.sum()``: the
+            replacement embeddings in row-major order of ``placeholder_mask`` (row 0's
+            positions left to right, then row 1's ...). Both or neither must be given.
+        sequence_ids: ``(B, S)`` long, packing: the sample each position belongs to
+            (a sample is a contiguous run of one id). A query attends only to keys of its
+            own sample, and without explicit ``positions`` rotary positions restart at 0
+            at every sample start (counting real positions only, like
+            ``key_padding_mask``). Not allowed with a KV cache.
+        image_query_mask: ``(B, S, T)`` bool, for archs that read images from the side:
+            True where position ``s`` may read image token ``t`` (images anywhere: a
+            position sees only the images before it). Needs ``image_features``; the
+            archs decide what an all-False row means (typically: add exactly nothing).
+        grad_anchor: a 0-d floating tensor that must equal 0, added to the input
+            embeddings: it carries the (zero) gradient path of modules that ran on a
+            dummy input (a text-only batch still runs the vision encoder so distributed
+            collectives stay in step) into the decoder's backward at the place real
+            visual tokens would enter. ``x + 0.0 == x``, so the values are unchanged.
         prefix_bidirectional: prefix-LM; the ``P`` prefix positions attend each other in
             both directions, text stays causal. Needs ``prefix_embeds``.
         extras: free-form arch data (e.g. frame masks, routing hints); not validated.
@@ -59,6 +79,11 @@ class ModalityContext:
     modality_ids: Tensor | None = None
     key_padding_mask: Tensor | None = None
     inputs_embeds: Tensor | None = None
+    placeholder_mask: Tensor | None = None
+    placeholder_embeds: Tensor | None = None
+    sequence_ids: Tensor | None = None
+    image_query_mask: Tensor | None = None
+    grad_anchor: Tensor | None = None
     prefix_bidirectional: bool = False
     extras: Mapping[str, Any] = field(default_factory=dict)
 
@@ -74,6 +99,8 @@ class ModalityContext:
             ("image_mask", torch.bool),
             ("modality_ids", torch.long),
             ("key_padding_mask", torch.bool),
+            ("placeholder_mask", torch.bool),
+            ("sequence_ids", torch.long),
         ):
             t = getattr(self, name)
             if t is not None and (t.ndim != 2 or t.dtype != dtype):
@@ -81,6 +108,39 @@ class ModalityContext:
                     f"ModalityContext.{name} must be a (B, L) {dtype} tensor, got "
                     f"{_shape(t)} {t.dtype}"
                 )
+        if self.placeholder_embeds is not None and (
+            self.placeholder_embeds.ndim != 2 or not self.placeholder_embeds.is_floating_point()
+        ):
+            raise ValueError(
+                "ModalityContext.placeholder_embeds must be a floating (K, D) tensor, got "
+                f"{_shape(self.placeholder_embeds)} {self.placeholder_embeds.dtype}"
+            )
+        if (self.placeholder_mask is None) != (self.placeholder_embeds is None):
+            raise ValueError(
+                "ModalityContext.placeholder_mask and placeholder_embeds go together "
+                "(give both or neither)"
+            )
+        if self.image_query_mask is not None:
+            if self.image_query_mask.ndim != 3 or self.image_query_mask.dtype != torch.bool:
+                raise ValueError(
+                    "ModalityContext.image_query_mask must be a (B, S, T) bool tensor, got "
+                    f"{_shape(self.image_query_mask)} {self.image_query_mask.dtype}"
+                )
+            if self.image_features is None:
+                raise ValueError("ModalityContext.image_query_mask given without image_features")
+            if self.image_query_mask.shape[2] != self.image_features.shape[1]:
+                raise ValueError(
+                    "ModalityContext.image_query_mask must be (B, S, T) with T = "
+                    f"{self.image_features.shape[1]} (image_features), got "
+                    f"{_shape(self.image_query_mask)}"
+                )
+        if self.grad_anchor is not None and (
+            self.grad_anchor.ndim != 0 or not self.grad_anchor.is_floating_point()
+        ):
+            raise ValueError(
+                "ModalityContext.grad_anchor must be a 0-d floating tensor, got "
+                f"{_shape(self.grad_anchor)} {self.grad_anchor.dtype}"
+            )
         batches = {
             name: getattr(self, name).shape[0]
             for name in (
@@ -90,6 +150,9 @@ class ModalityContext:
                 "modality_ids",
                 "key_padding_mask",
                 "inputs_embeds",
+                "placeholder_mask",
+                "sequence_ids",
+                "image_query_mask",
             )
             if getattr(self, name) is not None
         }
@@ -141,6 +204,8 @@ class ModalityContext:
             "inputs_embeds": (batch, seq_len, dim),
             "modality_ids": (batch, total),
             "key_padding_mask": (batch, total),
+            "placeholder_mask": (batch, seq_len),
+            "sequence_ids": (batch, total),
         }
         for name, shape in expected.items():
             t = getattr(self, name)
@@ -149,6 +214,28 @@ class ModalityContext:
                     f"ModalityContext.{name} must have shape {shape} (B, "
                     f"{'P+S_text' if len(shape) == 2 else 'L'}, ...), got {_shape(t)}"
                 )
+        if self.image_query_mask is not None and _shape(self.image_query_mask)[:2] != (
+            batch,
+            total,
+        ):
+            raise ValueError(
+                f"ModalityContext.image_query_mask must be ({batch}, {total}, T) (B, P+S_text, "
+                f"T), got {_shape(self.image_query_mask)}"
+            )
+        if self.placeholder_embeds is not None:
+            assert self.placeholder_mask is not None
+            if self.placeholder_embeds.shape[1] != dim:
+                raise ValueError(
+                    f"ModalityContext.placeholder_embeds must be (K, {dim}), got "
+                    f"{_shape(self.placeholder_embeds)}"
+                )
+            if not torch.compiler.is_compiling():
+                k = int(self.placeholder_mask.sum())
+                if self.placeholder_embeds.shape[0] != k:
+                    raise ValueError(
+                        f"ModalityContext.placeholder_embeds must have one row per True of "
+                        f"placeholder_mask ({k}), got {_shape(self.placeholder_embeds)}"
+                    )
         if self.image_features is not None:
             b, _, d = self.image_features.shape
             if b != batch or d != dim:

@@ -162,12 +162,20 @@ def generate(
         and context is not None
         and any(
             getattr(context, f) is not None
-            for f in ("modality_ids", "key_padding_mask", "inputs_embeds")
+            for f in (
+                "modality_ids",
+                "key_padding_mask",
+                "inputs_embeds",
+                "placeholder_mask",
+                "sequence_ids",
+                "image_query_mask",
+            )
         )
     ):
         raise ValueError(
             "use_cache=False with per-position context fields (modality_ids, "
-            "key_padding_mask, inputs_embeds) needs a decode_context_fn"
+            "key_padding_mask, inputs_embeds, placeholder_mask, sequence_ids, "
+            "image_query_mask) needs a decode_context_fn"
         )
 
     was_training = model.training

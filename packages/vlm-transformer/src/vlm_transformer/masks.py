@@ -81,6 +81,7 @@ def build_attention_mask(
     key_valid: Tensor | None = None,
     prefix_len: int = 0,
     prefix_bidirectional: bool = False,
+    sequence_ids: Tensor | None = None,
 ) -> AttentionMask:
     """Self-attention mask for queries appended after ``kv_len - q_len`` cached keys.
 
@@ -96,11 +97,16 @@ def build_attention_mask(
     Fast paths (no mask tensor): nothing masked and ``past == 0`` -> ``is_causal``;
     nothing masked and ``q_len == 1`` -> attend everything.
 
+    Packing: with ``sequence_ids (B, kv_len)`` long (needs ``q_len == kv_len``, no
+    cache) a query sees only keys with its own id (a block-diagonal causal mask).
+
     Args:
         key_valid: ``(B, kv_len)`` bool, True = real key; ``None`` = all real.
+        sequence_ids: ``(B, kv_len)`` long sample ids; ``None`` = one sample per row.
 
     Raises:
-        ValueError: inconsistent lengths or a wrongly shaped ``key_valid``.
+        ValueError: inconsistent lengths, a wrongly shaped ``key_valid`` or
+            ``sequence_ids``, or ``sequence_ids`` with cached keys (``kv_len > q_len``).
     """
     if q_len < 1 or kv_len < q_len:
         raise ValueError(f"need 1 <= q_len <= kv_len, got q_len={q_len}, kv_len={kv_len}")
@@ -110,9 +116,19 @@ def build_attention_mask(
         raise ValueError(
             f"key_valid must be (B, {kv_len}) bool, got {tuple(key_valid.shape)} {key_valid.dtype}"
         )
+    if sequence_ids is not None and (
+        sequence_ids.dtype != torch.long
+        or sequence_ids.ndim != 2
+        or sequence_ids.shape[1] != kv_len
+        or kv_len != q_len
+    ):
+        raise ValueError(
+            f"sequence_ids must be (B, {kv_len}) long with no cached keys (q_len == kv_len), "
+            f"got {tuple(sequence_ids.shape)} {sequence_ids.dtype} with q_len={q_len}"
+        )
     past = kv_len - q_len
     bidir = prefix_bidirectional and prefix_len > 0
-    if key_valid is None and not bidir:
+    if key_valid is None and not bidir and sequence_ids is None:
         if past == 0:
             return AttentionMask.causal()
         if q_len == 1:
@@ -126,6 +142,8 @@ def build_attention_mask(
         k_in = (k_slot >= past) & (k_slot < end)
         allowed = allowed | (q_in[:, None] & k_in[None, :])
     dense = allowed[None, None]
+    if sequence_ids is not None:
+        dense = dense & (sequence_ids[:, :, None] == sequence_ids[:, None, :])[:, None]
     if key_valid is not None:
         dense = dense & key_valid[:, None, None, :]
         dense = dense | (k_slot[None, :] == q_slot[:, None])[None, None]

@@ -16,7 +16,30 @@ from vlm_transformer.masks import build_attention_mask
 from vlm_transformer.rotary import RotaryEmbedding
 from vlm_transformer.trunk import DenseTrunk, Trunk, TrunkInputs
 
-__all__ = ["Transformer"]
+__all__ = ["Transformer", "segment_positions"]
+
+
+def segment_positions(sequence_ids: Tensor, key_valid: Tensor | None = None) -> Tensor:
+    """Rotary positions that restart at every sample of a packed row.
+
+    Args:
+        sequence_ids: ``(B, S)`` long; a sample is a contiguous run of one id.
+        key_valid: ``(B, S)`` bool, True = real position; padded positions do not advance
+            the count (as in an unpacked row). ``None`` = all real.
+
+    Returns:
+        ``(B, S)`` long: the number of real positions of the same sample before each
+        position (so the first real position of every sample is 0; padding clamps at 0).
+    """
+    valid = (
+        torch.ones_like(sequence_ids, dtype=torch.long) if key_valid is None else key_valid.long()
+    )
+    count = valid.cumsum(dim=1)
+    before = count - valid
+    start = torch.ones_like(sequence_ids, dtype=torch.bool)
+    start[:, 1:] = sequence_ids[:, 1:] != sequence_ids[:, :-1]
+    base = torch.where(start, before, torch.zeros_like(before)).cummax(dim=1).values
+    return (count - base - 1).clamp_min(0)
 
 
 class Transformer(nn.Module):
@@ -89,8 +112,10 @@ class Transformer(nn.Module):
             cache: a :class:`KVCache`; the new positions are appended to it and attend
                 to everything cached before.
             positions: ``(B|1, S)`` long rotary positions of the ``S = P + S_text``
-                residual positions; default ``arange`` (continuing the cache, per row), or
-                ``cumsum(key_padding_mask) - 1`` when a key padding mask is given.
+                residual positions; default ``arange`` (continuing the cache, per row),
+                ``cumsum(key_padding_mask) - 1`` when a key padding mask is given, and
+                restarting per sample (:func:`segment_positions`) with
+                ``context.sequence_ids``.
             logits_to_keep: if > 0, only the last ``logits_to_keep`` positions get logits.
             head: if given, called with the final hidden states ``(B, S', D)`` instead
                 of the LM head (e.g. a chunked cross-entropy); its result is returned.
@@ -102,8 +127,9 @@ class Transformer(nn.Module):
 
         Raises:
             ValueError: before any compute, for both/neither of ``input_ids`` and
-                ``inputs_embeds``, non-long or non-2-D ``input_ids``, and context shapes
-                that disagree (see :meth:`ModalityContext.validate`).
+                ``inputs_embeds``, non-long or non-2-D ``input_ids``, context shapes
+                that disagree (see :meth:`ModalityContext.validate`), and
+                ``context.sequence_ids`` with a ``cache``.
         """
         ctx = context
         embeds = None if ctx is None else ctx.inputs_embeds
@@ -125,6 +151,11 @@ class Transformer(nn.Module):
         dim = self.config.dim
         if ctx is not None:
             ctx.validate(batch, text_len, dim)
+            if ctx.sequence_ids is not None and cache is not None:
+                raise ValueError(
+                    "context.sequence_ids (packing) cannot be used with a KV cache; generate "
+                    "one sample per row"
+                )
         prefix_len = 0 if ctx is None else ctx.prefix_len
         total = prefix_len + text_len
         if positions is not None and (
@@ -140,6 +171,11 @@ class Transformer(nn.Module):
             hidden = embeds
         else:
             hidden = None
+        if hidden is not None and ctx is not None and ctx.placeholder_mask is not None:
+            assert ctx.placeholder_embeds is not None
+            hidden = hidden.masked_scatter(
+                ctx.placeholder_mask[..., None], ctx.placeholder_embeds.to(hidden.dtype)
+            )
         if ctx is not None and ctx.prefix_embeds is not None:
             prefix = ctx.prefix_embeds
             if hidden is None:
@@ -147,7 +183,10 @@ class Transformer(nn.Module):
             else:
                 hidden = torch.cat((prefix.to(hidden.dtype), hidden), dim=1)
         assert hidden is not None
+        if ctx is not None and ctx.grad_anchor is not None:
+            hidden = hidden + ctx.grad_anchor.to(hidden.dtype)
         device = hidden.device
+        segments = None if ctx is None else ctx.sequence_ids
 
         key_valid = None if ctx is None else ctx.key_padding_mask
         bidir = ctx is not None and ctx.prefix_bidirectional
@@ -156,7 +195,9 @@ class Transformer(nn.Module):
             past_len, all_keys_valid, default_pos = step.past_len, step.key_valid, step.positions
         else:
             past_len, all_keys_valid = 0, key_valid
-            if key_valid is not None:
+            if segments is not None:
+                default_pos = segment_positions(segments, key_valid)
+            elif key_valid is not None:
                 default_pos = (key_valid.long().cumsum(dim=1) - 1).clamp_min(0)
             else:
                 default_pos = torch.arange(total, device=device)[None, :]
@@ -169,6 +210,7 @@ class Transformer(nn.Module):
             key_valid=all_keys_valid,
             prefix_len=prefix_len,
             prefix_bidirectional=bidir,
+            sequence_ids=segments,
         )
         cos, sin = self.rotary(pos)
         trim = 0 if ctx is None else ctx.trim

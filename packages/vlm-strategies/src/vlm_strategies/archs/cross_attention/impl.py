@@ -14,9 +14,18 @@ cross blocks entirely: their attention has no key (zero output, see
 :meth:`AttentionMask.from_key_padding`) and their MLP output is gated to zero, so such a
 row computes exactly the text-only decoder.
 
+Images anywhere: each row's images are stacked as ``image_features`` and
+``image_query_mask`` (:func:`vlm_strategies.media.side_fields`) lets a position read
+only the images whose placeholder is at or before it (and in its own packed sample).
+A position that sees no image gets exactly nothing from a cross block: its attention
+output is zeroed (no NaN from an all-masked softmax) and its MLP output is gated by 0
+per position, so text before the first image computes the text-only decoder. Frames of
+a clip stay in order inside their image's tokens.
+
 Incremental decoding: the image K/V of every cross block are computed once, by the
 first forward that sees ``image_features`` with a :class:`KVCache`, and kept (with
-the image mask) in ``cache.state["cross_attention/<i>"]``; later steps reuse them.
+the image mask) in ``cache.state["cross_attention/<i>"]``; later steps reuse them (a
+decoded token comes after every image of its row, so it reads all of them).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from torch import Tensor, nn
 from vlm_config import ModelConfig
 from vlm_strategies.api import ArchImplementation
 from vlm_strategies.archs.cross_attention.config import CrossAttentionConfig
+from vlm_strategies.media import MediaEmbeds, side_fields
 from vlm_transformer import (
     AttentionMask,
     DecoderBlock,
@@ -94,9 +104,11 @@ class ImageCrossAttention(nn.Module):
 class CrossAttentionBlock(nn.Module):
     """``h = x + xattn(attn_norm(x), kv_norm(img)); out = h + gate * mlp(mlp_norm(h))``.
 
-    ``gate`` is 1 for rows with at least one real visual token, else 0. The block owns
-    every parameter it uses. ``forward(x (B,S,D), state: TrunkInputs) -> (B,S,D)``;
-    without image features in ``state.context`` (and none cached) it returns ``x``.
+    ``gate`` is 1 for rows with at least one real visual token, else 0; with an
+    ``image_query_mask`` in the context it is per position (1 where the position sees
+    at least one image token). The block owns every parameter it uses.
+    ``forward(x (B,S,D), state: TrunkInputs) -> (B,S,D)``; without image features in
+    ``state.context`` (and none cached) it returns ``x``.
     """
 
     def __init__(self, config: ModelConfig, kv_heads: int, cache_key: str) -> None:
@@ -129,6 +141,13 @@ class CrossAttentionBlock(nn.Module):
         if kv is None:
             return x
         k, v, image_mask = kv
+        ctx = state.context
+        query_mask = None if ctx is None else ctx.image_query_mask
+        if query_mask is not None:
+            mask = AttentionMask(dense=query_mask[:, None], guard_empty_rows=True)
+            x = x + self.attn(self.attn_norm(x), k, v, mask)
+            sees = query_mask.any(dim=-1, keepdim=True).to(x.dtype)
+            return x + sees * self.mlp(self.mlp_norm(x))
         if image_mask is None:
             x = x + self.attn(self.attn_norm(x), k, v, AttentionMask.full())
             return x + self.mlp(self.mlp_norm(x))
@@ -221,3 +240,17 @@ class CrossAttention(ArchImplementation):
         # The blocks reuse the image K/V cached at prefill; the features ride along so a
         # block whose cache entry is missing still computes the right thing.
         return self.context(image_embeds, image_valid, new_ids)
+
+    def media_context(self, media: MediaEmbeds) -> ModalityContext:
+        return ModalityContext(**side_fields(media))
+
+    def media_decode_context(
+        self, media: MediaEmbeds, new_ids: Tensor, cache: KVCache
+    ) -> ModalityContext | None:
+        # a decoded token reads every image of its row (cached K/V and image mask)
+        fields = side_fields(media)
+        if "image_features" not in fields:
+            return None
+        return ModalityContext(
+            image_features=fields["image_features"], image_mask=fields["image_mask"]
+        )

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from vlm_strategies.api import PrefixArchImplementation
 from vlm_strategies.archs.joint_decoder.config import JointDecoderConfig
+from vlm_strategies.media import MediaEmbeds, scatter_fields
 from vlm_transformer import ModalityContext
 
 
@@ -20,7 +21,11 @@ def prefix_key_padding(image_valid: Tensor | None, text_len: int) -> Tensor | No
 
 class JointDecoder(PrefixArchImplementation):
     """Image embeddings enter as a prefix of the residual stream (dense trunk); a cached
-    decode step feeds text only (:class:`PrefixArchImplementation`)."""
+    decode step feeds text only (:class:`PrefixArchImplementation`).
+
+    Images anywhere: each image's visual tokens replace its placeholder embeddings
+    (one placeholder per visual token), attention stays causal over the whole sequence
+    (``prefix_bidirectional`` applies to the prefix layout only)."""
 
     config: JointDecoderConfig
 
@@ -32,3 +37,6 @@ class JointDecoder(PrefixArchImplementation):
             key_padding_mask=prefix_key_padding(image_valid, input_ids.shape[1]),
             prefix_bidirectional=self.config.prefix_bidirectional,
         )
+
+    def media_context(self, media: MediaEmbeds) -> ModalityContext:
+        return ModalityContext(**scatter_fields(media))

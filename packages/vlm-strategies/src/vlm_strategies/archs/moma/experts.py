@@ -26,7 +26,9 @@ __all__ = [
     "expert_capacity",
     "expert_choice_forward",
     "route_expert_choice",
+    "route_expert_choice_segments",
     "router_noise",
+    "row_capacity",
 ]
 
 
@@ -37,6 +39,12 @@ def expert_capacity(capacity: float, num_positions: int, seq_len: int) -> int:
     A tiny tolerance keeps e.g. ``ceil((1/3) * 9)`` at 3.
     """
     return max(0, min(seq_len, math.ceil(capacity * num_positions - 1e-9)))
+
+
+def row_capacity(capacity: float, num_positions: Tensor) -> Tensor:
+    """``ceil(capacity * n)`` elementwise for a long tensor of real-position counts
+    (float64, with the tolerance of :func:`expert_capacity`, so both agree)."""
+    return torch.ceil(num_positions.double() * capacity - 1e-9).clamp_min(0).long()
 
 
 def router_noise(shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -64,7 +72,12 @@ class GroupRouting:
 
 
 def route_expert_choice(
-    x: Tensor, router: Tensor, candidates: Tensor, k: int, noise: Tensor | None = None
+    x: Tensor,
+    router: Tensor,
+    candidates: Tensor,
+    k: int,
+    noise: Tensor | None = None,
+    limit: Tensor | None = None,
 ) -> GroupRouting:
     """Each of the ``E`` experts picks its top-``k`` candidate positions per sequence.
 
@@ -72,8 +85,12 @@ def route_expert_choice(
         x: ``(B, S, D)`` (normed) hidden states.
         router: ``(E, D)`` router weights.
         candidates: ``(B, S)`` bool, positions this group may pick.
-        k: picks per expert and sequence (``<= S``).
+        k: picks per expert and sequence (``<= S``): a static upper bound when
+            ``limit`` is given.
         noise: optional ``(B, S, E)`` added to the logits (Gumbel-sigmoid).
+        limit: optional ``(B,)`` long, picks kept per row (``<= k``): the best
+            ``limit[b]`` of the ``k`` (a row's own capacity, independent of the other
+            rows' lengths).
     """
     logits = F.linear(x, router).float()
     if noise is not None:
@@ -81,6 +98,60 @@ def route_expert_choice(
     masked = logits.masked_fill(~candidates[..., None], float("-inf")).transpose(1, 2)
     index = torch.topk(masked, k, dim=-1, sorted=True).indices  # (B, E, k)
     keep = candidates[:, None, :].expand_as(masked).gather(2, index)
+    if limit is not None:
+        rank = torch.arange(k, device=x.device)
+        keep = keep & (rank[None, None, :] < limit[:, None, None])
+    picked = logits.transpose(1, 2).gather(2, index)
+    gate = torch.where(keep, torch.sigmoid(picked), torch.zeros_like(picked))
+    return GroupRouting(logits=logits, index=index, keep=keep, gate=gate)
+
+
+def route_expert_choice_segments(
+    x: Tensor,
+    router: Tensor,
+    candidates: Tensor,
+    segments: Tensor,
+    capacity: float,
+    noise: Tensor | None = None,
+) -> GroupRouting:
+    """Expert choice per packed sample: in every sample (a contiguous run of one id in
+    ``segments``) each expert picks the top ``ceil(capacity * n)`` of the sample's
+    ``n`` candidate positions, exactly what it picks when the sample runs alone.
+
+    Data-dependent sizes: one host-device sync for the sample count and one for the
+    largest number of picks per row (eager only; not for ``fullgraph`` compilation).
+
+    Args:
+        x, router, candidates, noise: see :func:`route_expert_choice`.
+        segments: ``(B, S)`` long sample ids.
+        capacity: fraction of a sample's candidates each expert takes.
+    """
+    logits = F.linear(x, router).float()
+    if noise is not None:
+        logits = logits + noise.float()
+    b, s, e = logits.shape
+    start = torch.ones_like(segments, dtype=torch.bool)
+    start[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    seg = start.long().cumsum(dim=1) - 1  # (B, S) sample index 0..G-1 per row
+    groups = int(seg.max()) + 1
+    zeros = torch.zeros(b, groups, dtype=torch.long, device=x.device)
+    k_seg = row_capacity(capacity, zeros.scatter_add(1, seg, candidates.long()))  # (B, G)
+    seg_len = zeros.scatter_add(1, seg, torch.ones_like(seg))
+    seg_off = seg_len.cumsum(dim=1) - seg_len
+    masked = logits.masked_fill(~candidates[..., None], float("-inf")).transpose(1, 2)
+    # positions grouped by sample, best score first within each sample
+    order = masked.argsort(dim=-1, descending=True, stable=True)
+    seg_e = seg[:, None, :].expand(b, e, s)
+    regroup = seg_e.gather(2, order).argsort(dim=-1, stable=True)
+    order = order.gather(2, regroup)
+    seg_sorted = seg_e.gather(2, order).reshape(b, e * s)
+    rank = torch.arange(s, device=x.device) - seg_off.gather(1, seg_sorted).view(b, e, s)
+    take = rank < k_seg.gather(1, seg_sorted).view(b, e, s)
+    chosen = torch.zeros_like(take).scatter(2, order, take) & candidates[:, None, :]
+    k = max(1, int(chosen.sum(dim=-1).max()))
+    scores = logits.transpose(1, 2).masked_fill(~chosen, float("-inf"))
+    index = torch.topk(scores, k, dim=-1, sorted=True).indices
+    keep = chosen.gather(2, index)
     picked = logits.transpose(1, 2).gather(2, index)
     gate = torch.where(keep, torch.sigmoid(picked), torch.zeros_like(picked))
     return GroupRouting(logits=logits, index=index, keep=keep, gate=gate)
@@ -144,9 +215,14 @@ class ExpertGroup(nn.Module):
         nn.init.normal_(self.down, mean=0.0, std=output_std)
 
     def route(
-        self, x: Tensor, candidates: Tensor, k: int, noise: Tensor | None = None
+        self,
+        x: Tensor,
+        candidates: Tensor,
+        k: int,
+        noise: Tensor | None = None,
+        limit: Tensor | None = None,
     ) -> GroupRouting:
-        return route_expert_choice(x, self.router, candidates, k, noise)
+        return route_expert_choice(x, self.router, candidates, k, noise, limit)
 
     def forward(self, x: Tensor, routing: GroupRouting) -> Tensor:
         return expert_choice_forward(x, routing, self.gate_up, self.down)
@@ -164,11 +240,16 @@ class MoMaExperts(nn.Module):
     """The per-modality expert groups of one MoMa layer (``experts.image``,
     ``experts.text``).
 
-    ``forward(x (B,S,D), modality_ids (B,S) long, valid (B,S) bool | None, counts)``
-    returns the summed expert outputs ``(B, S, D)``; ``counts[m]`` is the static number
-    of positions of modality ``m`` (``k_m = ceil(capacity * counts[m])``).  Rows with
-    ``valid == False`` are zeroed before routing, never picked, and get zero output, so
-    whatever they hold reaches neither real outputs nor any gradient.
+    ``forward(x (B,S,D), modality_ids (B,S) long, valid (B,S) bool | None, counts,
+    segments=None)`` returns the summed expert outputs ``(B, S, D)``.  Capacity is per
+    row: each expert of modality ``m`` keeps ``ceil(capacity * n_m)`` picks, ``n_m`` the
+    row's *real* (``valid``) positions of modality ``m``, so padding and the other rows'
+    lengths never change a row's routing; ``counts[m]`` is a static upper bound of
+    ``n_m`` (the layout's positions of ``m``) that sizes the top-k (no host sync).
+    With ``segments (B, S)`` long (packing) the capacity and the picks are per sample
+    (:func:`route_expert_choice_segments`).  Rows with ``valid == False`` are zeroed
+    before routing, never picked, and get zero output, so whatever they hold reaches
+    neither real outputs nor any gradient.
 
     After each forward, :attr:`stats` holds detached per-modality routing statistics
     (``utilisation (E,)``: fraction of the modality's real tokens each expert
@@ -222,12 +303,14 @@ class MoMaExperts(nn.Module):
         valid: Tensor | None,
         counts: Sequence[int],
         noise: Sequence[Tensor | None] | None = None,
+        segments: Tensor | None = None,
     ) -> Tensor:
         """Sum of the modality groups' outputs.
 
         Args:
             noise: per modality an optional ``(B, S, E)`` router noise; by default
                 drawn when training with ``gumbel_noise``.
+            segments: ``(B, S)`` long packed-sample ids (routing per sample).
         """
         if len(counts) != len(MOMA_MODALITIES):
             raise ValueError(f"counts must give {len(MOMA_MODALITIES)} modality sizes")
@@ -250,7 +333,13 @@ class MoMaExperts(nn.Module):
                 eps = router_noise((b, s, e), x.device, torch.float32)
             else:
                 eps = None
-            routing = group.route(x, cand, k, eps)
+            if segments is not None:
+                routing = route_expert_choice_segments(
+                    x, group.router, cand, segments, self.capacity, eps
+                )
+            else:
+                limit = row_capacity(self.capacity, cand.sum(dim=1)).clamp_max(k)
+                routing = group.route(x, cand, k, eps, limit)
             out = out + group(x, routing)
             clean = routing.logits if eps is None else routing.logits - eps.float()
             with torch.no_grad():

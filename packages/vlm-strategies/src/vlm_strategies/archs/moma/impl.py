@@ -9,6 +9,7 @@ from vlm_strategies.api import ArchImplementation
 from vlm_strategies.archs.joint_decoder.impl import prefix_key_padding
 from vlm_strategies.archs.moma.config import MoMaConfig
 from vlm_strategies.archs.moma.trunk import MoMaTrunk
+from vlm_strategies.media import MediaEmbeds, scatter_fields
 from vlm_transformer import ModalityContext, Trunk
 
 __all__ = ["MoMa", "prefix_modality_ids"]
@@ -34,6 +35,11 @@ class MoMa(ArchImplementation):
     training as in inference, so :meth:`VLMWrapper.generate` recomputes the full
     sequence every step, which is exactly the training-time forward.  Teacher-forced
     accuracy therefore overstates MoMa; evaluate it by generation.
+
+    Images anywhere: visual tokens replace their placeholder embeddings and
+    ``modality_ids`` tag placeholders 0 (image), the rest 1 (text). Each expert picks
+    ``ceil(capacity * n)`` of the ``n`` real positions of its modality per row, or per
+    packed sample with ``sequence_ids`` (see :class:`MoMaTrunk`).
     """
 
     config: MoMaConfig
@@ -52,3 +58,8 @@ class MoMa(ArchImplementation):
             modality_ids=prefix_modality_ids(batch, image_len, text_len, image_embeds.device),
             key_padding_mask=prefix_key_padding(image_valid, text_len),
         )
+
+    def media_context(self, media: MediaEmbeds) -> ModalityContext:
+        fields = scatter_fields(media)
+        ids = (~fields["placeholder_mask"]).long()  # 0 image, 1 text
+        return ModalityContext(**fields, modality_ids=ids)

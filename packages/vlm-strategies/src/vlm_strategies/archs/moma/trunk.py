@@ -35,12 +35,22 @@ class MoMaBlock(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, state: TrunkInputs, modality_ids: Tensor, valid: Tensor | None
+        self,
+        x: Tensor,
+        state: TrunkInputs,
+        modality_ids: Tensor,
+        valid: Tensor | None,
+        counts: tuple[int, int] | None = None,
     ) -> Tensor:
+        """``counts``: static upper bounds of the (image, text) positions per row;
+        default the prefix layout ``(prefix_len, S - prefix_len)``."""
         x = x + self.attn(self.attn_norm(x), state.cos, state.sin, state.mask, None)
         s = x.shape[1]
-        counts = (state.prefix_len, s - state.prefix_len)
-        return x + self.experts(self.mlp_norm(x), modality_ids, valid, counts)
+        if counts is None:
+            counts = (state.prefix_len, s - state.prefix_len)
+        ctx = state.context
+        segments = None if ctx is None else ctx.sequence_ids
+        return x + self.experts(self.mlp_norm(x), modality_ids, valid, counts, segments=segments)
 
 
 class MoMaTrunk(Trunk):
@@ -48,8 +58,12 @@ class MoMaTrunk(Trunk):
 
     Modalities come from ``context.modality_ids`` (0 = image, 1 = text; default: the
     ``prefix_len`` prefix positions are image, the rest text) and real positions from
-    ``context.key_padding_mask``.  Each expert's capacity ``k`` uses the static layout
-    (image: ``prefix_len`` positions, text: the rest), so no host-device sync is needed.
+    ``context.key_padding_mask``.  Each expert keeps ``ceil(capacity * n)`` picks of
+    the ``n`` real positions of its modality in its row, so a left-padded row routes
+    exactly as the row alone; the top-k is sized by the static layout (image:
+    ``prefix_len`` positions, text: the rest; ``S`` each for images anywhere), so no
+    host-device sync is needed.  With ``context.sequence_ids`` (packing) capacity and
+    picks are per sample, as if each sample ran alone (two host syncs per layer).
 
     Expert-choice routing is non-causal, so a :class:`~vlm_transformer.KVCache` is
     rejected: decode by recomputing the full sequence (``VLMWrapper.generate`` does).
@@ -72,12 +86,15 @@ class MoMaTrunk(Trunk):
         b, s, _ = hidden.shape
         ctx = state.context
         modality_ids = None if ctx is None else ctx.modality_ids
+        counts = (state.prefix_len, s - state.prefix_len)
         if modality_ids is None:
             is_text = torch.arange(s, device=hidden.device) >= state.prefix_len
             modality_ids = is_text.long()[None].expand(b, s)
+        elif state.prefix_len == 0:
+            counts = (s, s)  # images anywhere: any position may hold either modality
         valid = None if ctx is None else ctx.key_padding_mask
         for layer in self.layers.values():
-            hidden = layer(hidden, state, modality_ids, valid)
+            hidden = layer(hidden, state, modality_ids, valid, counts)
         return self.norm(hidden)
 
     def _experts(self) -> list[tuple[str, MoMaExperts]]:

@@ -39,6 +39,7 @@ from vlm_config import ModelConfig
 from vlm_strategies.api import PrefixArchImplementation
 from vlm_strategies.archs.joint_decoder.impl import prefix_key_padding
 from vlm_strategies.archs.mot.config import MoTConfig
+from vlm_strategies.media import MediaEmbeds, scatter_fields
 from vlm_transformer import (
     DecoderBlock,
     LayerKVCache,
@@ -275,7 +276,11 @@ class MixtureOfTransformers(PrefixArchImplementation):
     """Image prefix + :class:`MoTTrunk`; image positions trimmed before the LM head.
 
     A cached decode step feeds text only, with no context: without ``modality_ids`` and
-    without a prefix, every new position routes to the text copies."""
+    without a prefix, every new position routes to the text copies.
+
+    Images anywhere: visual tokens replace their placeholder embeddings and
+    ``modality_ids`` tag the placeholder positions image, everything else text (any
+    layout, packed or not: the routing is per position)."""
 
     config: MoTConfig
 
@@ -291,3 +296,9 @@ class MixtureOfTransformers(PrefixArchImplementation):
             prefix_embeds=image_embeds,
             key_padding_mask=prefix_key_padding(image_valid, s),
         )
+
+    def media_context(self, media: MediaEmbeds) -> ModalityContext:
+        fields = scatter_fields(media)
+        mask = fields["placeholder_mask"]
+        ids = torch.where(mask, IMAGE, TEXT)
+        return ModalityContext(**fields, modality_ids=ids)
