@@ -13,14 +13,18 @@ from torch import Tensor
 
 from vlm_config import ArchConfig, get_registry
 from vlm_strategies import PrefixArchImplementation
+from vlm_strategies.media import MediaEmbeds, scatter_fields
 from vlm_strategies.testing import (
     NotApplicable,
     TinyVLM,
     check_causality,
     check_compile,
     check_generation,
+    check_interleaved,
     check_meta_init,
+    check_packing,
     check_padded_frames,
+    check_text_only,
     conformance_cases,
     run_case,
     run_conformance,
@@ -145,6 +149,38 @@ class GraphBreak(_Prefix):
         return _GraphBreakTrunk(self.model_config)
 
 
+class MediaSound(_Prefix):
+    """Images anywhere done right (scatter into placeholders)."""
+
+    def media_context(self, media: MediaEmbeds) -> ModalityContext:
+        return ModalityContext(**scatter_fields(media))
+
+
+class NoPacking(MediaSound):
+    """Forgets ``sequence_ids``: packed samples attend each other."""
+
+    def media_context(self, media: MediaEmbeds) -> ModalityContext:
+        return ModalityContext(**{**scatter_fields(media), "sequence_ids": None})
+
+
+class NoAnchor(MediaSound):
+    """Drops the dummy encoder pass of a text-only batch: no gradient reaches the
+    adapter (an FSDP2 rank with a text-only micro-batch would hang)."""
+
+    def media_context(self, media: MediaEmbeds) -> ModalityContext:
+        return ModalityContext(**{**scatter_fields(media), "grad_anchor": None})
+
+
+class ReFeedsImages(MediaSound):
+    """A wrong cached step after an interleaved prompt: feeds a zero prefix again."""
+
+    def media_decode_context(
+        self, media: MediaEmbeds, new_ids: Tensor, cache: KVCache
+    ) -> ModalityContext:
+        d = media.tokens.shape[-1]
+        return ModalityContext(prefix_embeds=media.tokens.new_ones(new_ids.shape[0], 1, d))
+
+
 @pytest.fixture
 def broken() -> Iterator[None]:
     get_registry().register("archs", BrokenConfig, replace=True)
@@ -163,10 +199,14 @@ def broken() -> Iterator[None]:
         ("Unmasked", check_padded_frames, "padded frames .image_valid False. changed logits"),
         ("RepeatsPrefix", check_generation, "generate gave"),
         ("Uninitialised", check_meta_init, r"init_weights left uninitialised: \['transformer"),
+        ("NoPacking", check_packing, "packed sample 1 vs alone"),
+        ("NoAnchor", check_text_only, "adapter.* gets no gradient"),
+        ("ReFeedsImages", check_interleaved, "use_cache=None: generate gave"),
     ],
 )
 def test_each_check_fails_on_an_arch_that_breaks_it(impl: str, check: Any, message: str) -> None:
-    BrokenConfig.implementation = f"{__name__}:_Prefix"
+    media = check in (check_packing, check_text_only, check_interleaved)
+    BrokenConfig.implementation = f"{__name__}:{'MediaSound' if media else '_Prefix'}"
     check({"arch": "test_broken"})  # the sound base arch passes
     BrokenConfig.implementation = f"{__name__}:{impl}"
     with pytest.raises(AssertionError, match=f"test_broken.*{message}"):
@@ -179,3 +219,13 @@ def test_compile_check_fails_on_a_graph_break() -> None:
     with pytest.raises(Exception, match="graph_break|graph break"):
         check_compile({"arch": "test_broken"})
     check_compile({"arch": "test_broken"}, fullgraph=False)
+
+
+@pytest.mark.usefixtures("broken")
+def test_media_checks_reject_then_skip_a_prefix_only_arch() -> None:
+    BrokenConfig.implementation = f"{__name__}:_Prefix"
+    report = run_conformance({"arch": "test_broken"}, ["interleaved", "packing", "text_only"])
+    for case in ("interleaved", "packing", "text_only"):
+        assert report[case] == (
+            "not applicable: test_broken: supports only the image-prefix layout (no media_context)"
+        )

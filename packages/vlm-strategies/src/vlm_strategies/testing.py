@@ -24,7 +24,21 @@ the arch violates it:
                     gradients as eager, at least one graph; call :func:`check_compile`
                     with ``backend="aot_eager"`` (traces the backward too, ~4x slower) or
                     ``"inductor"`` for more
+``interleaved``     images anywhere: a left-padded batch of prompts with 2, 1 and 0
+                    images in the middle: ``generate(batch)`` (KV cache when the arch has
+                    it, and ``use_cache=False``) == greedy full recomputation, and every
+                    cached step's logits are close to the recomputed ones
+``packing``         samples packed into one row (``sequence_ids``) give the logits of
+                    each sample run alone (atol 1e-5), images or not
+``text_only``       a batch with no image (``pixel_values`` of shape ``(0,3,H,W)``):
+                    logits, loss and decoder gradients bit-identical to the text-only
+                    decoder; every parameter still gets a (zero) gradient (FSDP2 ranks
+                    with text-only micro-batches stay in step)
 ==================  ====================================================================
+
+The last three apply to archs that implement ``media_context`` (images anywhere); for a
+prefix-only arch they check that a :class:`~vlm_strategies.MediaBatch` is rejected with
+a ``ValueError`` naming the arch, then skip.
 
 The FSDP2 check lives here (and not in ``vlm-parallel``, which depends on this package)
 as a plain ``torch.distributed.fsdp.fully_shard`` per ``Transformer.blocks()`` unit on a
@@ -64,7 +78,8 @@ from torch import Tensor, nn
 
 from vlm_config import ArchConfig, JobConfig
 from vlm_strategies.build import build_vlm
-from vlm_strategies.wrapper import VLMWrapper
+from vlm_strategies.media import MediaBatch
+from vlm_strategies.wrapper import VLMWrapper, causal_lm_loss
 from vlm_transformer import KVCache
 
 __all__ = [
@@ -74,7 +89,10 @@ __all__ = [
     "check_compile",
     "check_fsdp",
     "check_generation",
+    "check_interleaved",
     "check_meta_init",
+    "check_packing",
+    "check_text_only",
     "check_padded_frames",
     "conformance_cases",
     "run_case",
@@ -542,20 +560,261 @@ def check_compile(arch: ArchSpec, backend: str = "eager", fullgraph: bool = True
         raise AssertionError(f"{spec.label} compile: torch.compile compiled no graph")
 
 
-_CASES: dict[str, Callable[[ArchSpec], None]] = {
+# ------------------------------------------------------------ images anywhere
+
+
+@dataclass(frozen=True)
+class _Sample:
+    ids: Tensor  # (L,) long with placeholders
+    pixels: Tensor  # (k, 3, H, W)
+
+
+def _media_sample(
+    model: VLMWrapper, parts: Sequence[int | str], gen: torch.Generator, placeholder: int
+) -> _Sample:
+    """``parts``: text lengths and ``"img"`` markers, e.g. ``(3, "img", 2)``."""
+    size = int(getattr(model.vision_encoder, "image_size", 16))
+    per_image = model.strategy.image_placeholders(model.num_image_tokens)
+    pieces, images = [], []
+    for part in parts:
+        if part == "img":
+            pieces.append(torch.full((per_image,), placeholder, dtype=torch.long))
+            images.append(torch.randn(3, size, size, generator=gen))
+        else:
+            pieces.append(torch.randint(0, placeholder, (int(part),), generator=gen))
+    pixels = torch.stack(images) if images else torch.zeros(0, 3, size, size)
+    return _Sample(torch.cat(pieces), pixels)
+
+
+def _media_batch(samples: Sequence[_Sample], placeholder: int, *, left_pad: bool) -> MediaBatch:
+    """One sample per row, padded to the longest (left or right) with token 0."""
+    width = max(int(x.ids.shape[0]) for x in samples)
+    rows, masks, index = [], [], []
+    for r, x in enumerate(samples):
+        pad = width - int(x.ids.shape[0])
+        fill = torch.zeros(pad, dtype=torch.long)
+        real = torch.ones(x.ids.shape[0], dtype=torch.bool)
+        rows.append(torch.cat((fill, x.ids) if left_pad else (x.ids, fill)))
+        none = torch.zeros(pad, dtype=torch.bool)
+        masks.append(torch.cat((none, real) if left_pad else (real, none)))
+        index += [r] * int(x.pixels.shape[0])
+    return MediaBatch(
+        input_ids=torch.stack(rows),
+        image_token_id=placeholder,
+        pixel_values=torch.cat([x.pixels for x in samples]),
+        image_sample_index=torch.tensor(index, dtype=torch.long),
+        attention_mask=torch.stack(masks),
+    )
+
+
+def _media_model(spec: TinyVLM, seed: int) -> tuple[VLMWrapper, int]:
+    """The tiny model (eval) and the placeholder id (the last vocabulary id); skips
+    (after checking the rejection) for a prefix-only arch."""
+    model = spec.build(seed=seed).eval()
+    placeholder = model.transformer.config.vocab_size - 1
+    if not model.strategy.supports_media:
+        empty = torch.zeros(1, 3, dtype=torch.long)
+        batch = MediaBatch(input_ids=empty, image_token_id=placeholder)
+        try:
+            model(batch)
+        except ValueError as exc:
+            if "supports only the image-prefix layout" not in str(exc):
+                raise AssertionError(
+                    f"{spec.label}: a MediaBatch for a prefix-only arch must raise a ValueError "
+                    f"saying it supports only the image-prefix layout, got: {exc}"
+                ) from None
+        else:
+            raise AssertionError(f"{spec.label}: no media_context() but a MediaBatch was accepted")
+        _skip(f"{spec.label}: supports only the image-prefix layout (no media_context)")
+    return model, placeholder
+
+
+INTERLEAVED_PROMPTS: tuple[tuple[int | str, ...], ...] = (
+    (2, "img", 3, "img", 2),
+    (4, "img", 2),
+    (5,),
+)
+
+
+def check_interleaved(arch: ArchSpec, steps: int = 5) -> dict[str, float]:
+    """Generation from prompts with images in the middle (2, 1 and 0 images per row,
+    left-padded): ``generate(batch)`` with the arch's default route and with
+    ``use_cache=False`` == greedy decoding by full recomputation (one forward of the
+    extended batch per step); with a KV cache, every cached step's logits are within
+    1e-4 of the recomputed ones.
+
+    Returns:
+        ``{"cached_vs_recomputed_max_abs": ...}`` (0 for archs without a KV cache).
+
+    Raises:
+        AssertionError: tokens or cached logits differ.
+    """
+    spec = _spec(arch)
+    model, placeholder = _media_model(spec, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    samples = [_media_sample(model, p, gen, placeholder) for p in INTERLEAVED_PROMPTS]
+    batch = _media_batch(samples, placeholder, left_pad=True)
+    what = f"{spec.label} interleaved generation"
+    with torch.no_grad():
+        seq = batch.input_ids
+        prompt_len = seq.shape[1]
+        for _ in range(steps):
+            logits, _ = model(batch.extended(seq[:, prompt_len:]))
+            seq = torch.cat((seq, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+        for use_cache in (None, False):
+            got = model.generate(batch, max_new_tokens=steps, use_cache=use_cache)
+            if not torch.equal(got, seq):
+                raise AssertionError(
+                    f"{what}, use_cache={use_cache}: generate gave {got.tolist()}, greedy "
+                    f"recomputation {seq.tolist()}"
+                )
+        worst = 0.0
+        if model.strategy.incremental_decoding:
+            strategy = model.strategy
+            media = model.encode_media(batch)
+            cache = KVCache()
+            prefill = strategy.prepare_media(model, batch)
+            step = model.transformer(seq[:, :prompt_len], prefill, cache)
+            for end in range(prompt_len, seq.shape[1]):
+                ref, _ = model(batch.extended(seq[:, prompt_len:end]))
+                worst = max(worst, float((step[:, -1] - ref[:, -1]).abs().max()))
+                _close(step[:, -1], ref[:, -1], f"{what}: cached logits at {end}", 1e-4, 1e-4)
+                new = seq[:, end : end + 1]
+                ctx = strategy.media_decode_context(media, new, cache)
+                step = model.transformer(new, ctx, cache)
+    return {"cached_vs_recomputed_max_abs": worst}
+
+
+PACKED_SAMPLES: tuple[tuple[int | str, ...], ...] = (
+    (2, "img", 3, "img", 2),
+    (4,),
+    (3, "img", 3),
+    (1, "img", 2, "img", 1),
+)
+
+
+def check_packing(arch: ArchSpec) -> dict[str, float]:
+    """Packing: samples (2, 0, 1 and 2 images) packed as row 0 = samples 0-2 and row 1
+    = sample 3 + right padding (its own sample id), with ``sequence_ids``: every
+    sample's logits equal those of the sample run alone within 1e-5 (no attention,
+    position, media or routing state crosses a sample boundary).
+
+    Returns:
+        ``{"packed_vs_alone_max_abs": ...}``.
+
+    Raises:
+        AssertionError: a packed sample's logits differ from the sample alone.
+    """
+    spec = _spec(arch)
+    model, placeholder = _media_model(spec, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    samples = [_media_sample(model, p, gen, placeholder) for p in PACKED_SAMPLES]
+    lengths = [int(x.ids.shape[0]) for x in samples]
+    row0 = torch.cat([x.ids for x in samples[:3]])
+    width = int(row0.shape[0])
+    pad = width - lengths[3]
+    if pad < 1:
+        raise AssertionError("PACKED_SAMPLES: row 1 must be shorter than row 0")
+    ids = torch.stack((row0, torch.cat((samples[3].ids, torch.zeros(pad, dtype=torch.long)))))
+    seq0 = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(lengths[:3])])
+    seq1 = torch.cat((torch.full((lengths[3],), 3), torch.full((pad,), 4)))
+    attention = torch.ones(2, width, dtype=torch.bool)
+    attention[1, lengths[3] :] = False
+    index = [0] * sum(int(x.pixels.shape[0]) for x in samples[:3]) + [1] * int(
+        samples[3].pixels.shape[0]
+    )
+    packed = MediaBatch(
+        input_ids=ids,
+        image_token_id=placeholder,
+        pixel_values=torch.cat([x.pixels for x in samples]),
+        image_sample_index=torch.tensor(index, dtype=torch.long),
+        attention_mask=attention,
+        sequence_ids=torch.stack((seq0, seq1)),
+    )
+    worst = 0.0
+    with torch.no_grad():
+        logits, _ = model(packed)
+        spans = [(0, 0, lengths[0]), (0, lengths[0], lengths[0] + lengths[1])]
+        spans += [(0, lengths[0] + lengths[1], width), (1, 0, lengths[3])]
+        for i, (row, lo, hi) in enumerate(spans):
+            alone, _ = model(_media_batch([samples[i]], placeholder, left_pad=False))
+            got = logits[row, lo:hi]
+            worst = max(worst, float((got - alone[0]).abs().max()))
+            _close(got, alone[0], f"{spec.label} packed sample {i} vs alone", 1e-5, 0.0)
+    return {"packed_vs_alone_max_abs": worst}
+
+
+def check_text_only(arch: ArchSpec) -> None:
+    """A :class:`MediaBatch` with no image (``pixel_values`` ``(0, 3, H, W)``): its
+    logits, loss and the decoder's gradients are bit-identical to the text-only
+    decoder (``model.transformer(input_ids)``), and every parameter that is trainable
+    gets a gradient (zero outside the decoder's text path), so FSDP2 runs the same
+    collectives on a rank whose micro-batch has no image.
+
+    Raises:
+        AssertionError: values or gradients differ, or a parameter gets no gradient.
+    """
+    spec = _spec(arch)
+    model, placeholder = _media_model(spec, seed=9)
+    model.train()
+    gen = torch.Generator().manual_seed(10)
+    size = int(getattr(model.vision_encoder, "image_size", 16))
+    ids = torch.randint(0, placeholder, (2, 9), generator=gen)
+    batch = MediaBatch(
+        input_ids=ids,
+        image_token_id=placeholder,
+        pixel_values=torch.zeros(0, 3, size, size),
+        image_sample_index=torch.zeros(0, dtype=torch.long),
+    )
+    params = dict(model.named_parameters())
+    logits, _ = model(batch)
+    loss = causal_lm_loss(logits, ids)
+    got = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    ref_logits = model.transformer(ids)
+    ref_loss = causal_lm_loss(ref_logits, ids)
+    names = [n for n in params if n.startswith("transformer.")]
+    ref = dict(zip(params, torch.autograd.grad(ref_loss, list(params.values()), allow_unused=True)))
+    if not torch.equal(logits, ref_logits) or not torch.equal(loss, ref_loss):
+        diff = float((logits - ref_logits).abs().max())
+        raise AssertionError(
+            f"{spec.label} text-only batch: logits/loss differ from the text-only decoder "
+            f"(max abs {diff:.3g})"
+        )
+    for (name, p), g in zip(params.items(), got):
+        if not p.requires_grad:
+            continue
+        if g is None:
+            raise AssertionError(
+                f"{spec.label} text-only batch: {name} gets no gradient (an FSDP2 rank with a "
+                "text-only micro-batch would skip its reduce-scatter)"
+            )
+        want = ref[name] if name in names else None
+        if want is None:
+            want = torch.zeros_like(g)
+        if not torch.equal(g, want):
+            raise AssertionError(
+                f"{spec.label} text-only batch: gradient of {name} differs from the text-only "
+                f"decoder's (max abs {float((g - want).abs().max()):.3g})"
+            )
+
+
+_CASES: dict[str, Callable[[ArchSpec], object]] = {
     "causality": check_causality,
     "padded_frames": check_padded_frames,
     "generation": check_generation,
     "meta_init": check_meta_init,
     "fsdp": check_fsdp,
     "compile": check_compile,
+    "interleaved": check_interleaved,
+    "packing": check_packing,
+    "text_only": check_text_only,
 }
 
 
 def conformance_cases() -> list[str]:
     """The names of every check, for ``pytest.mark.parametrize`` with :func:`run_case`:
     ``causality``, ``padded_frames``, ``generation``, ``meta_init``, ``fsdp``,
-    ``compile``."""
+    ``compile``, ``interleaved``, ``packing``, ``text_only``."""
     return list(_CASES)
 
 
