@@ -205,7 +205,7 @@ def test_more_processes_than_gpus_on_a_node(env: Any, monkeypatch: pytest.Monkey
 WORKER_TIMEOUT_S = 120
 
 
-def _launch_two_nodes(tmp_path: Path) -> list[dict[str, Any]]:
+def _launch_two_nodes(tmp_path: Path, parallel: dict[str, Any]) -> list[dict[str, Any]]:
     """Start this file as a worker twice, with the environment ``torchrun --nnodes=2
     --nproc_per_node=1`` would give each node's process."""
     shared = tmp_path / "shared" / "checkpoints"
@@ -226,7 +226,14 @@ def _launch_two_nodes(tmp_path: Path) -> list[dict[str, Any]]:
             "MASTER_PORT": str(port),
         }
         local = tmp_path / f"node{node}_local" / "checkpoints"
-        cmd = [sys.executable, __file__, str(tmp_path), str(shared), str(local)]
+        cmd = [
+            sys.executable,
+            __file__,
+            str(tmp_path),
+            str(shared),
+            str(local),
+            json.dumps(parallel),
+        ]
         procs.append(
             subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         )
@@ -251,7 +258,7 @@ def _launch_two_nodes(tmp_path: Path) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     tmp = tmp_path_factory.mktemp("two_nodes")
-    return tmp, _launch_two_nodes(tmp)
+    return tmp, _launch_two_nodes(tmp, {})
 
 
 @pytest.mark.distributed
@@ -313,12 +320,27 @@ def test_two_nodes_node_local_folders_leave_no_loadable_checkpoint(
     assert results[0]["local_latest"] == str(node0 / "step_000002")
 
 
+@pytest.mark.distributed
+def test_two_nodes_hsdp_replicates_across_nodes(tmp_path: Path) -> None:
+    # parallel.dp_replicate = nodes, dp_shard = processes per node (here 1): the
+    # replicate dimension spans the nodes, each node holds a whole copy.
+    results = _launch_two_nodes(tmp_path, {"dp_replicate": 2, "dp_shard": 1})
+    for node, result in enumerate(results):
+        ctx = result["ctx"]
+        assert ctx["mesh"] == ["dp_replicate", "dp_shard"]
+        assert ctx["mesh_shape"] == [2, 1]
+        assert ctx["replicate_ranks"] == [0, 1]  # one replica per node
+        assert ctx["shard_ranks"] == [node]  # sharding stays inside the node
+        assert result["loaded"]["step"] == 1
+        assert result["changed_after_save"] and result["restored"]
+
+
 # ----------------------------------------------------------------------- worker
-def _worker(outdir: Path, shared: Path, local: Path) -> None:
+def _worker(outdir: Path, shared: Path, local: Path, parallel: dict[str, Any]) -> None:
     from vlm_parallel import CheckpointManager, barrier
 
     # Nothing but the environment the parent set says which node this is.
-    job, ctx, model = w._setup(w.tiny_job_dict())
+    job, ctx, model = w._setup(w.tiny_job_dict(parallel=parallel))
     optimizer = w._optimizer(model)
     gen = torch.Generator().manual_seed(0)
 
@@ -341,6 +363,12 @@ def _worker(outdir: Path, shared: Path, local: Path) -> None:
             "mesh_size": None if ctx.mesh is None else ctx.mesh.size(),
         }
     }
+    if ctx.mesh is not None and ctx.mesh.ndim == 2:
+        result["ctx"]["mesh_shape"] = list(ctx.mesh.shape)
+        for dim in ("dp_replicate", "dp_shard"):
+            group = ctx.mesh.get_group(dim)
+            key = dim.removeprefix("dp_") + "_ranks"
+            result["ctx"][key] = dist.get_process_group_ranks(group)
     step()
     manager = CheckpointManager(shared, keep_last=2)
     result["saved_at"] = str(manager.save(1, model, optimizer, extra={"node": ctx.node_rank}))
@@ -366,7 +394,7 @@ def _worker(outdir: Path, shared: Path, local: Path) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    _worker(*(Path(arg) for arg in sys.argv[1:4]))
+    _worker(*(Path(arg) for arg in sys.argv[1:4]), json.loads(sys.argv[4]))
     from vlm_parallel import destroy_distributed
 
     destroy_distributed()
