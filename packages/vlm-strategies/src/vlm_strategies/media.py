@@ -45,6 +45,7 @@ __all__ = [
     "base_fields",
     "placeholders_per_image",
     "scatter_fields",
+    "side_decode_fields",
     "side_fields",
 ]
 
@@ -400,3 +401,19 @@ def side_fields(media: MediaEmbeds) -> dict[str, Any]:
     fields["image_mask"] = key
     fields["image_query_mask"] = query
     return fields
+
+
+def side_decode_fields(media: MediaEmbeds, new_len: int) -> dict[str, Any]:
+    """:func:`side_fields` for ``new_len`` decoded positions after the prompt: they
+    come after every image of their row, so each reads all of its row's real image
+    tokens (``image_query_mask (B, new_len, K*T)`` = ``image_mask`` repeated); ``{}``
+    when the batch has no image and no dummy."""
+    fields = side_fields(media)
+    if "image_features" not in fields:
+        return {}
+    key = fields["image_mask"]
+    return {
+        "image_features": fields["image_features"],
+        "image_mask": key,
+        "image_query_mask": key[:, None, :].expand(key.shape[0], new_len, key.shape[1]),
+    }

@@ -14,6 +14,12 @@ Each gated block computes, with ``img`` the visual tokens of real frames only::
 and both gates start at ``gate_init`` (default 0, so ``tanh(0) = 0`` and a fresh block is
 the identity). The image keys/values are computed once per generation and kept in
 ``cache.state``.
+
+Images anywhere (a ``vlm_strategies.MediaBatch``): one placeholder per image marks its
+place; ``vlm_strategies.media.side_fields`` stacks each row's images and gives the
+media mask, so a position reads only the images at or before it (in its own packed
+sample), and a position that sees none gets exactly nothing from the block (attention
+output zeroed, FFN multiplied by 0).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from torch import Tensor, nn
 from vlm_config import ModelConfig
 from vlm_plugin_resampler.configs import GatedCrossAttentionConfig
 from vlm_strategies import ArchImplementation
+from vlm_strategies.media import MediaEmbeds, side_decode_fields, side_fields
 from vlm_transformer import (
     AttentionMask,
     DecoderBlock,
@@ -85,14 +92,20 @@ class GatedCrossAttentionBlock(nn.Module):
         k, v, media_mask = kv
         b, s, _ = x.shape
         q = self.q_proj(self.norm(x)).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        mask = (
-            AttentionMask.full()
-            if media_mask is None
-            else AttentionMask.from_key_padding(media_mask)
-        )
+        ctx = state.context
+        query_mask = None if ctx is None else ctx.image_query_mask
+        sees: Tensor | None = None
+        if query_mask is not None:  # images anywhere: per-position media mask
+            mask = AttentionMask(dense=query_mask[:, None], guard_empty_rows=True)
+            sees = query_mask.any(dim=-1, keepdim=True).to(x.dtype)
+        elif media_mask is None:
+            mask = AttentionMask.full()
+        else:
+            mask = AttentionMask.from_key_padding(media_mask)
         out = attention(q, k.to(q.dtype), v.to(q.dtype), mask).transpose(1, 2).reshape(b, s, -1)
         x = x + torch.tanh(self.gate_attn).to(x.dtype) * self.o_proj(out)
-        return x + torch.tanh(self.gate_ffn).to(x.dtype) * self.ffn(self.ffn_norm(x))
+        ffn = torch.tanh(self.gate_ffn).to(x.dtype) * self.ffn(self.ffn_norm(x))
+        return x + (ffn if sees is None else sees * ffn)
 
 
 class GatedCrossAttentionTrunk(Trunk):
@@ -159,3 +172,13 @@ class GatedCrossAttention(ArchImplementation):
         self, image_embeds: Tensor, image_valid: Tensor | None, new_ids: Tensor, cache: KVCache
     ) -> ModalityContext:
         return self.context(image_embeds, image_valid, new_ids)
+
+    def media_context(self, media: MediaEmbeds) -> ModalityContext:
+        return ModalityContext(**side_fields(media))
+
+    def media_decode_context(
+        self, media: MediaEmbeds, new_ids: Tensor, cache: KVCache
+    ) -> ModalityContext | None:
+        # a decoded token comes after every image of its row: it reads all of them
+        fields = side_decode_fields(media, new_ids.shape[1])
+        return ModalityContext(**fields) if fields else None

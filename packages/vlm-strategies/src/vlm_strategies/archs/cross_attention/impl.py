@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from vlm_config import ModelConfig
 from vlm_strategies.api import ArchImplementation
 from vlm_strategies.archs.cross_attention.config import CrossAttentionConfig
-from vlm_strategies.media import MediaEmbeds, side_fields
+from vlm_strategies.media import MediaEmbeds, side_decode_fields, side_fields
 from vlm_transformer import (
     AttentionMask,
     DecoderBlock,
@@ -247,10 +247,6 @@ class CrossAttention(ArchImplementation):
     def media_decode_context(
         self, media: MediaEmbeds, new_ids: Tensor, cache: KVCache
     ) -> ModalityContext | None:
-        # a decoded token reads every image of its row (cached K/V and image mask)
-        fields = side_fields(media)
-        if "image_features" not in fields:
-            return None
-        return ModalityContext(
-            image_features=fields["image_features"], image_mask=fields["image_mask"]
-        )
+        # a decoded token comes after every image of its row: it reads all of them
+        fields = side_decode_fields(media, new_ids.shape[1])
+        return ModalityContext(**fields) if fields else None
