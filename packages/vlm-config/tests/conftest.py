@@ -8,7 +8,14 @@ from typing import ClassVar, Literal
 import pytest
 from pydantic import Field
 
-from vlm_config import AdapterConfig, ArchConfig, EncoderConfig, PluginRegistry, get_registry
+from vlm_config import (
+    AdapterConfig,
+    ArchConfig,
+    DatasetConfig,
+    EncoderConfig,
+    PluginRegistry,
+    get_registry,
+)
 
 
 class GridEncoderConfig(EncoderConfig):
@@ -43,11 +50,29 @@ class SideArchConfig(ArchConfig):
         return 0
 
 
+class DefaultDataConfig(DatasetConfig):
+    """Stands in for vlm-data's ``digits`` (the default ``[data]`` type), so that these
+    tests run in a venv holding only vlm-config; registered in-process it overrides
+    the installed one for the duration of a test."""
+
+    type: Literal["digits"] = "digits"
+    augment_shift: int = Field(default=0, ge=0)
+    implementation: ClassVar[str] = "builtins:print"
+
+
+class ManifestDataConfig(DatasetConfig):
+    type: Literal["test_manifest"] = "test_manifest"
+    train_file: str
+    implementation: ClassVar[str] = "builtins:print"
+
+
 TEST_CLASSES = [
     ("vlm.encoders", GridEncoderConfig),
     ("vlm.adapters", StrideAdapterConfig),
     ("vlm.archs", PrefixArchConfig),
     ("vlm.archs", SideArchConfig),
+    ("vlm.datasets", DefaultDataConfig),
+    ("vlm.datasets", ManifestDataConfig),
 ]
 
 

@@ -26,7 +26,7 @@ TINY: dict[str, Any] = {
     },
     "adapter": {"type": "mlp_2layer"},
     "arch": {"arch": "joint_decoder", "max_text_len": 4},
-    "data": {"source": "digits", "max_eval_samples": 40, "eval_batch_size": 20},
+    "data": {"type": "digits", "max_eval_samples": 40, "eval_batch_size": 20},
     "train": {
         "steps": 6,
         "batch_size": 16,

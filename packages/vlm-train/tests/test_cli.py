@@ -110,7 +110,7 @@ def test_train_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     images[0].save(tmp_path / "a.png")
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"image": "a.png", "caption": "one two three four"}) + "\n")
-    data = tiny_dict(tmp_path / "run2", data={"source": "files", "train_file": str(manifest)})
+    data = tiny_dict(tmp_path / "run2", data={"type": "jsonl", "train_file": str(manifest)})
     cfg = _write(tmp_path / "files.toml", data)
     code, _, err = run_cli(capsys, "train", str(cfg))
     assert code == 1 and "max_text_len is 4" in one_error_line(err)

@@ -12,7 +12,7 @@ from vlm_config.components import (
     StrictModel,
     matches_any,
 )
-from vlm_config.data import DataConfig
+from vlm_config.data import ConfigDeprecationWarning, DataConfig, DatasetConfig
 from vlm_config.files import (
     ConfigFileError,
     apply_overrides,
@@ -38,7 +38,9 @@ from vlm_config.train import TrainConfig
 __all__ = [
     "AdapterConfig",
     "ConfigFileError",
+    "ConfigDeprecationWarning",
     "DataConfig",
+    "DatasetConfig",
     "JobConfig",
     "PluginEntry",
     "PluginError",

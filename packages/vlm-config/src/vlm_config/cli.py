@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm", description="Compose, train and run VLMs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("plugins", help="list installed encoders, adapters and archs")
+    p = sub.add_parser("plugins", help="list installed encoders, adapters, archs and datasets")
     p.add_argument("--strict", action="store_true", help="fail on the first broken plugin")
     p.add_argument(
         "--check",

@@ -1,4 +1,5 @@
-"""Base classes of the three plugin groups: encoders, adapters and archs.
+"""Base classes of the encoder, adapter and arch plugin groups (the dataset base,
+:class:`vlm_config.DatasetConfig`, is in :mod:`vlm_config.data`).
 
 Every plugin's config class subclasses one of these bases, sets its
 discriminator (``type`` or ``arch``) to a single ``Literal`` equal to its

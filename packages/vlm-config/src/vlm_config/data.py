@@ -1,73 +1,158 @@
-"""Data section of a job: where image-text pairs come from and how text is tokenised."""
+"""The ``[data]`` section: a dataset plugin (entry-point group ``vlm.datasets``).
+
+``[data]`` validates into the installed dataset config class chosen by its ``type``
+(``digits``, ``digits_video``, ``jsonl``, ``hf``, ``webdataset`` ship with ``vlm-data``;
+third-party distributions add more through the same entry points).  Every dataset config
+subclasses :class:`DatasetConfig`, which holds the fields common to all datasets (prompt,
+tokeniser, evaluation batch, input-pipeline workers, what to do with a bad sample); the
+subclass adds its own fields and names its torch-side builder in the class variable
+``implementation``.
+
+Old configs (``source = "digits"`` and the flat per-source fields of vlm-config 0.1)
+still load: :func:`migrate_legacy_data` rewrites them and warns with
+:class:`ConfigDeprecationWarning`.  Nothing here imports torch.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import warnings
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from vlm_config.components import StrictModel
+from vlm_config.components import ComponentConfig
+
+__all__ = [
+    "ConfigDeprecationWarning",
+    "DataConfig",
+    "DatasetConfig",
+    "migrate_legacy_data",
+]
 
 
-class DataConfig(StrictModel):
-    """Where the training / held-out image-text pairs come from.
+class ConfigDeprecationWarning(FutureWarning):
+    """A config written in a form that still loads but will stop loading (shown by
+    default, unlike ``DeprecationWarning``)."""
 
-    Sources:
-        ``digits``: scikit-learn's embedded 8x8 digits as captioning ("seven"), no
-            download; a fixed seeded train/test split.
-        ``digits_video``: clips of ``min_frames..max_frames`` digit frames (padded to
-            ``arch.frames_per_clip`` with a ``frame_mask``), caption = the digits in
-            order ("three one four").
-        ``files``: JSONL manifests (``train_file`` / ``test_file``), one object per line
-            ``{"image": "a.png", "caption": "...", "prompt": "..."}`` (``"images"``, a
-            list, for clips); relative paths are relative to the manifest.
-        ``hf``: a Hugging Face ``datasets`` dataset (the optional ``datasets`` package),
-            from a local folder / saved dataset at ``hf_path``.
 
-    Tokeniser: ``tokenizer`` names a local folder holding ``tokenizer.json`` (or the
-    file itself); ``None`` trains a small ``tokenizer_type`` tokeniser on the training
-    captions in-process and saves it to the run directory.
+class DatasetConfig(ComponentConfig):
+    """Base config of a dataset (entry-point group ``vlm.datasets``, discriminator ``type``).
+
+    Builder contract (torch side, ``implementation = "module:callable"``):
+    ``(config, context) -> dict[str, Dataset]`` with a ``"train"`` split and, when the
+    dataset has one, a ``"test"`` split (see ``vlm_data.DatasetContext`` and
+    docs/data.md).
+
+    Common fields (every dataset has them):
+
+    Attributes:
+        prompt: text before the caption (loss-masked); a record may carry its own.
+        tokenizer: a local folder holding ``tokenizer.json`` (or the file itself);
+            ``None`` trains a small ``tokenizer_type`` tokeniser on the training captions
+            and saves it to the run folder.
+        num_workers: ``DataLoader`` worker processes that read, decode, preprocess and
+            augment training samples in the background (0: in the training process).
+        prefetch_factor: micro-batches each worker prepares ahead.
+        on_bad_sample: ``"error"`` stops at the first unreadable sample with a message
+            naming the file, the record and what is wrong; ``"skip"`` replaces it by the
+            next readable sample of the dataset, counts it and logs it.
+        eval_batch_size / max_eval_samples: held-out evaluation.
     """
 
-    source: Literal["digits", "digits_video", "files", "hf"] = "digits"
-    test_fraction: float = Field(default=0.2, gt=0, lt=1)
-    split_seed: int = 0
+    type: str
     prompt: str = Field(default="", description="text before the caption (loss-masked)")
-    tokenizer: str | None = None
+    tokenizer: str | None = Field(
+        default=None, description="local tokenizer folder / tokenizer.json; None: train one"
+    )
     tokenizer_type: Literal["wordlevel", "bpe"] = "wordlevel"
     bpe_vocab_size: int = Field(default=512, ge=32)
-    # digits_video
-    min_frames: int = Field(default=1, ge=1)
-    max_frames: int | None = Field(default=None, ge=1, description="None: arch.frames_per_clip")
-    train_clips: int = Field(default=6000, ge=1)
-    test_clips: int = Field(default=800, ge=1)
-    curriculum_steps: int = Field(
-        default=0, ge=0, description="clips: raise the longest clip 1..max over these steps"
+    num_workers: int = Field(
+        default=2,
+        ge=0,
+        description="DataLoader worker processes decoding / augmenting training samples",
     )
-    # digits augmentation: random shift of the 8x8 source by up to this many pixels
-    augment_shift: int = Field(default=0, ge=0, le=3)
-    # files
-    train_file: str | None = None
-    test_file: str | None = None
-    # hf
-    hf_path: str | None = None
-    hf_name: str | None = None
-    hf_train_split: str = "train"
-    hf_test_split: str = "test"
-    hf_image_column: str = "image"
-    hf_text_column: str = "text"
-    # evaluation
+    prefetch_factor: int = Field(default=2, ge=1, description="micro-batches per worker ahead")
+    on_bad_sample: Literal["error", "skip"] = Field(
+        default="error", description="an unreadable sample stops the run, or is skipped"
+    )
     eval_batch_size: int = Field(default=256, ge=1)
     max_eval_samples: int | None = Field(default=None, ge=1)
 
-    @model_validator(mode="after")
-    def _source_fields(self) -> DataConfig:
-        if self.source == "files" and self.train_file is None:
-            raise ValueError("source 'files' needs train_file (a JSONL manifest)")
-        if self.source == "hf" and self.hf_path is None:
-            raise ValueError("source 'hf' needs hf_path (a local dataset folder or name)")
-        if self.max_frames is not None and self.max_frames < self.min_frames:
-            raise ValueError(
-                f"max_frames ({self.max_frames}) must be >= min_frames ({self.min_frames})"
-            )
-        return self
+
+#: The name ``vlm_config.DataConfig`` of vlm-config 0.1, kept for imports: the base class.
+DataConfig = DatasetConfig
+
+_LEGACY_TYPES = {"digits": "digits", "digits_video": "digits_video", "files": "jsonl", "hf": "hf"}
+_LEGACY_RENAMES = {
+    "hf_path": "path",
+    "hf_name": "name",
+    "hf_train_split": "train_split",
+    "hf_test_split": "test_split",
+    "hf_image_column": "image_column",
+    "hf_text_column": "text_column",
+}
+_LEGACY_FIELDS = {
+    "test_fraction",
+    "split_seed",
+    "min_frames",
+    "max_frames",
+    "train_clips",
+    "test_clips",
+    "curriculum_steps",
+    "augment_shift",
+    "train_file",
+    "test_file",
+    *_LEGACY_RENAMES,
+}
+
+
+def migrate_legacy_data(value: Any, fields_of: Any = None) -> Any:
+    """Rewrite a vlm-config 0.1 ``[data]`` table (``source = ...`` and flat per-source
+    fields) into the plugin form (``type = ...``), warning once with
+    :class:`ConfigDeprecationWarning` what was rewritten.
+
+    Args:
+        value: the raw ``data`` section (anything else is returned unchanged).
+        fields_of: ``type name -> set of field names`` of the installed dataset classes
+            (or ``None``); legacy fields the chosen dataset does not have (e.g.
+            ``min_frames`` with ``source = "digits"``, accepted but unused in 0.1) are
+            dropped and listed in the warning.
+
+    Raises:
+        ValueError: ``source`` names no 0.1 source, or is given together with ``type``.
+    """
+    if not isinstance(value, dict) or "source" not in value:
+        return value
+    data = dict(value)
+    source = data.pop("source")
+    if "type" in data:
+        raise ValueError(
+            f"data: 'source' ({source!r}) is the old name of 'type' ({data['type']!r}); "
+            "give only 'type'"
+        )
+    if source not in _LEGACY_TYPES:
+        raise ValueError(
+            f"data.source={source!r} is not a source of the old [data] form (allowed: "
+            f"{', '.join(_LEGACY_TYPES)}); write type = '<dataset>' (see `vlm plugins`)"
+        )
+    new_type = _LEGACY_TYPES[source]
+    data["type"] = new_type
+    renamed = []
+    for old, new in _LEGACY_RENAMES.items():
+        if old in data:
+            data[new] = data.pop(old)
+            renamed.append(f"{old} -> {new}")
+    dropped = []
+    known = fields_of(new_type) if callable(fields_of) else None
+    if known is not None:
+        for key in sorted(set(data) & (_LEGACY_FIELDS | set(_LEGACY_RENAMES.values()))):
+            if key not in known:
+                data.pop(key)
+                dropped.append(key)
+    parts = [f"source = {source!r} -> type = {new_type!r}", *renamed]
+    message = "[data] uses the vlm-config 0.1 form; read as: " + "; ".join(parts)
+    if dropped:
+        message += f"; dropped fields the {new_type!r} dataset does not use: {', '.join(dropped)}"
+    message += ". Rewrite the section (see docs/data.md); the old form will stop loading in 0.3."
+    warnings.warn(message, ConfigDeprecationWarning, stacklevel=2)
+    return data

@@ -1,7 +1,7 @@
-"""The top-level job config tying the decoder, the three plugin sections, parallelism
+"""The top-level job config tying the decoder, the four plugin sections, parallelism
 and training together, with the config-time sequence budget.
 
-``encoder``, ``adapter`` and ``arch`` validate into the installed plugin class chosen
+``encoder``, ``adapter``, ``arch`` and ``data`` validate into the installed plugin class chosen
 by their discriminator (``type`` / ``arch``), so plugin-specific fields are validated
 and appear in the JSON schema.  Validate with :meth:`JobConfig.model_validate` (or
 :func:`vlm_config.load_job_config`): it resolves the plugin classes from the registry.
@@ -30,7 +30,7 @@ from vlm_config.components import (
     EncoderConfig,
     StrictModel,
 )
-from vlm_config.data import DataConfig
+from vlm_config.data import DatasetConfig, migrate_legacy_data
 from vlm_config.model import ModelConfig
 from vlm_config.parallel import ParallelConfig
 from vlm_config.registry import GROUP_BASES, PluginError, PluginRegistry, get_registry
@@ -41,6 +41,7 @@ PLUGIN_SECTIONS: dict[str, tuple[str, str]] = {
     "encoder": ("vlm.encoders", "random"),
     "adapter": ("vlm.adapters", "mlp_2layer"),
     "arch": ("vlm.archs", "joint_decoder"),
+    "data": ("vlm.datasets", "digits"),
 }
 
 
@@ -172,11 +173,13 @@ class JobConfig(StrictModel):
     arch: SerializeAsAny[ArchConfig]
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: SerializeAsAny[DatasetConfig]
 
     @model_validator(mode="before")
     @classmethod
     def _defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("data"), dict):
+            data = {**data, "data": migrate_legacy_data(data["data"], _dataset_fields)}
         return _fill_default_tags(data)
 
     @model_validator(mode="after")
@@ -209,6 +212,14 @@ class JobConfig(StrictModel):
         if cls is JobConfig:
             return resolved_job_config_class().model_json_schema(*args, **kwargs)
         return super().model_json_schema(*args, **kwargs)
+
+
+def _dataset_fields(name: str) -> set[str] | None:
+    """Field names of the installed dataset config ``name`` (``None`` if unusable)."""
+    try:
+        return set(get_registry().load("vlm.datasets", name).model_fields)
+    except PluginError:
+        return None
 
 
 def _check_tag(registry: PluginRegistry, group: str, usable: dict[str, Any]) -> Any:

@@ -1,4 +1,5 @@
-"""The plugin registry over the ``vlm.encoders``, ``vlm.adapters`` and ``vlm.archs`` groups.
+"""The plugin registry over the ``vlm.encoders``, ``vlm.adapters``, ``vlm.archs`` and
+``vlm.datasets`` groups.
 
 Listing reads entry-point metadata only (no plugin code is imported).  A
 plugin's config class is imported on first use; one that fails to import is
@@ -28,15 +29,22 @@ from packaging.version import InvalidVersion, Version
 
 from vlm_config.__about__ import __version__ as CORE_VERSION
 from vlm_config.components import AdapterConfig, ArchConfig, ComponentConfig, EncoderConfig
+from vlm_config.data import DatasetConfig
 
-GroupName = Literal["vlm.encoders", "vlm.adapters", "vlm.archs"]
+GroupName = Literal["vlm.encoders", "vlm.adapters", "vlm.archs", "vlm.datasets"]
 
 GROUP_BASES: dict[str, type[ComponentConfig]] = {
     "vlm.encoders": EncoderConfig,
     "vlm.adapters": AdapterConfig,
     "vlm.archs": ArchConfig,
+    "vlm.datasets": DatasetConfig,
 }
-SHORT_GROUPS = {"encoders": "vlm.encoders", "adapters": "vlm.adapters", "archs": "vlm.archs"}
+SHORT_GROUPS = {
+    "encoders": "vlm.encoders",
+    "adapters": "vlm.adapters",
+    "archs": "vlm.archs",
+    "datasets": "vlm.datasets",
+}
 IN_PROCESS = "<in-process>"
 CORE_DISTRIBUTION = "vlm-config"
 

@@ -33,6 +33,7 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
 
         from vlm_config import ConfigFileError, PluginError
         from vlm_config.cli import format_validation_error
+        from vlm_data import DataError
         from vlm_parallel import CheckpointError
         from vlm_train.errors import VLMTrainError
 
@@ -41,7 +42,7 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
         except ValidationError as exc:
             where = getattr(args, "config", None) or "config"
             return _error(f"{where}: " + "; ".join(format_validation_error(exc)))
-        except (ConfigFileError, PluginError, VLMTrainError, CheckpointError) as exc:
+        except (ConfigFileError, PluginError, VLMTrainError, DataError, CheckpointError) as exc:
             return _error(str(exc))
         except OSError as exc:
             return _error(f"{exc}")

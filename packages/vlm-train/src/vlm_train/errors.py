@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from vlm_data import errors as _data_errors
+
 __all__ = [
     "CaptionTooLongError",
     "ConfigError",
@@ -15,12 +17,10 @@ class VLMTrainError(Exception):
     """Base of the errors caused by bad input (files, data, checkpoints), not by bugs."""
 
 
-class DataError(VLMTrainError, ValueError):
-    """A dataset, image or manifest that cannot be used."""
-
-
-class CaptionTooLongError(DataError):
-    """Prompt + caption do not fit ``arch.max_text_len``."""
+# Data errors are raised by vlm-data (which cannot depend on vlm-train); the same
+# classes are re-exported here.  They are ``ValueError``s, not ``VLMTrainError``s.
+DataError = _data_errors.DataError
+CaptionTooLongError = _data_errors.CaptionTooLongError
 
 
 class ConfigError(VLMTrainError, ValueError):

@@ -60,16 +60,16 @@ def pretrained_tokenizer(folder: str | Path, vocab_size: int | None = None) -> T
         vocab_size: the decoder's ``model.vocab_size``; every token id must be below it.
 
     Raises:
-        VLMTrainError: no ``tokenizer.json``, no BOS/EOS token, or a tokenizer with more
+        HFImportError: no ``tokenizer.json``, no BOS/EOS token, or a tokenizer with more
             tokens than ``vocab_size``.
     """
-    tok = TextTokenizer.load(Path(folder).expanduser())
-    if vocab_size is not None and tok.vocab_size > vocab_size:
-        raise HFImportError(
-            f"the tokenizer in {folder} has {tok.vocab_size} tokens but model.vocab_size is "
-            f"{vocab_size}: ids {vocab_size}..{tok.vocab_size - 1} have no embedding"
-        )
-    return tok
+    from vlm_data import DataError
+    from vlm_data.tokenizer import pretrained_tokenizer as _load
+
+    try:
+        return _load(folder, vocab_size)
+    except DataError as exc:
+        raise HFImportError(str(exc)) from exc
 
 
 def pretrained_chat_template(folder: str | Path) -> str | None:

@@ -11,7 +11,9 @@ from typing import Any
 import torch
 
 from vlm_config import JobConfig, load_job_config
-from vlm_train.data import ImageTextCollator, _pad_clip, load_image
+from vlm_data.collate import ImageTextCollator
+from vlm_data.images import load_image
+from vlm_data.images import pad_clip as _pad_clip
 from vlm_train.errors import CaptionTooLongError, DataError, VLMTrainError
 from vlm_train.tokenizer import TextTokenizer
 

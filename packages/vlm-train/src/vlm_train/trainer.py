@@ -10,10 +10,12 @@ this class, so the benchmarked step is the step users run::
         result = trainer.finish()
 
 Per optimiser step: the step's global batch (:class:`GlobalBatchSampler`) is split into
-``grad_accum_steps`` micro-batches, each sharded over ranks; loss = causal LM loss (LM
-head fused with the cross-entropy) + weighted trunk auxiliary losses; gradients are
-clipped, AdamW steps, the warmup+cosine schedule advances.  Freeze-schedule stages
-switch the trainable set at step boundaries.
+``grad_accum_steps`` micro-batches, each sharded over ranks and read, decoded and
+augmented by the ``DataLoader`` workers of :func:`vlm_data.train_loader`
+(``data.num_workers``; augmentation seeded by (seed, sample, epoch), so any world size
+sees the same pixels); loss = causal LM loss (LM head fused with the cross-entropy) +
+weighted trunk auxiliary losses; gradients are clipped, AdamW steps, the warmup+cosine
+schedule advances.  Freeze-schedule stages switch the trainable set at step boundaries.
 
 Resuming never damages a run folder: the config is compared with the run's saved
 ``job.toml`` before anything is written (:func:`resume_differences`); only the fields in
@@ -37,14 +39,21 @@ import torch
 from torch import nn
 
 from vlm_config import JobConfig, load_job_config, write_toml
+from vlm_data import (
+    Batch,
+    GlobalBatchSampler,
+    ImageTextCollator,
+    StreamingDataset,
+    raise_batch_error,
+    train_loader,
+)
+from vlm_data.tokenizer import TextTokenizer
 from vlm_strategies import VLMWrapper, apply_freeze, freeze_specs_at
-from vlm_train.data import Batch, GlobalBatchSampler, ImageTextCollator
 from vlm_train.errors import ConfigError, TrainingInterrupted, VLMTrainError
 from vlm_train.evaluate import EvalResult, evaluate, format_eval
 from vlm_train.plot import plot_loss_curve, read_metrics
 from vlm_train.schedule import lr_factor
 from vlm_train.sources import build_datasets, build_tokenizer
-from vlm_train.tokenizer import TextTokenizer
 
 __all__ = [
     "SAFE_RESUME_FIELDS",
@@ -75,6 +84,8 @@ SAFE_RESUME_FIELDS: frozenset[str] = frozenset(
         "train.resume",
         "data.max_eval_samples",
         "data.eval_batch_size",
+        "data.num_workers",
+        "data.prefetch_factor",
         "parallel.dp_shard",
         "parallel.dp_replicate",
         "parallel.activation_checkpointing",
@@ -353,6 +364,8 @@ class Trainer:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        if hasattr(self, "_loader"):
+            self._close_loader()
         destroy_distributed()
 
     # --------------------------------------------------------------------- setup
@@ -400,25 +413,71 @@ class Trainer:
             raise ConfigError(f"cannot build the model: {exc}") from exc
 
     def _build_data(self, *, resuming: bool) -> None:
-        """Datasets, tokeniser, collator and the global-batch sampler."""
+        """Datasets, tokeniser, collator, the global-batch sampler and the loader."""
         job = self.job
         datasets = build_datasets(job, self.model.vision_encoder.preprocess)
         self.train_set, self.test_set = datasets["train"], datasets.get("test")
         self.tokenizer = self._tokenizer(resuming=resuming)
         self.collator = ImageTextCollator(self.tokenizer, job.arch.max_text_len)
-        if job.data.source in ("digits", "digits_video"):
-            # fail early on captions that do not fit (cheap for the embedded data)
+        if getattr(self.train_set, "captions_known", False):
+            # fail before the first step on captions that do not fit (no decoding needed)
             for caption in set(self.train_set.captions()):
                 self.collator.encode(job.data.prompt, caption)
-        lengths = getattr(self.train_set, "lengths", None)
-        self.sampler = GlobalBatchSampler(
-            len(self.train_set),
-            job.train.batch_size,
-            seed=job.train.seed,
-            lengths=lengths() if callable(lengths) else None,
-            curriculum_steps=job.data.curriculum_steps,
-        )
+        self.sampler: GlobalBatchSampler | None = None
+        if not isinstance(self.train_set, StreamingDataset):
+            lengths = getattr(self.train_set, "lengths", None)
+            self.sampler = GlobalBatchSampler(
+                len(self.train_set),
+                job.train.batch_size,
+                seed=job.train.seed,
+                lengths=lengths() if callable(lengths) else None,
+                curriculum_steps=getattr(self.train_set, "curriculum_steps", 0),
+            )
+        self._loader: Any = None
+        self._batches: Iterator[Batch] | None = None
+        self._loader_step = -1
+        self._skipped = 0
         self._positions = getattr(self.model, "num_image_positions", 0) + job.arch.max_text_len
+
+    def _make_loader(self, start_step: int) -> Any:
+        cfg, data = self.job.train, self.job.data
+        micro = cfg.batch_size // cfg.grad_accum_steps // self.dist.world_size
+        return train_loader(
+            self.train_set,
+            self.collator,
+            self.sampler,
+            num_micro=cfg.grad_accum_steps,
+            micro_batch=micro,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            start_step=start_step,
+            end_step=max(cfg.steps, start_step + 1),
+            seed=cfg.seed,
+            num_workers=data.num_workers,
+            prefetch_factor=data.prefetch_factor,
+            on_bad_sample=data.on_bad_sample,
+            pin_memory=self.dist.device.type == "cuda",
+        )
+
+    def _stream_at(self, step: int) -> Iterator[Batch]:
+        """The loader's batches from ``step`` on (the loader is built once and its
+        persistent workers reused; a streaming dataset's loader is rebuilt)."""
+        if self._loader is None or self.sampler is None:
+            self._close_loader()
+            self._loader = self._make_loader(step)
+        else:
+            self._loader.batch_sampler.start_step = step
+            self._loader.batch_sampler.end_step = max(self.job.train.steps, step + 1)
+        self._loader_step = step
+        return iter(self._loader)
+
+    def _close_loader(self) -> None:
+        self._batches = None
+        if self._loader is not None:
+            iterator = getattr(self._loader, "_iterator", None)
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
+            self._loader = None
 
     def _tokenizer(self, *, resuming: bool) -> TextTokenizer:
         """The main rank reuses the run's ``tokenizer.json`` when resuming, else builds
@@ -503,18 +562,21 @@ class Trainer:
 
     # ---------------------------------------------------------------------- step
     def next_batches(self) -> list[Batch]:
-        """This rank's ``grad_accum_steps`` micro-batches of the next step, augmented
-        with a generator seeded from (seed, step, micro-batch, rank)."""
-        cfg, rank, world = self.job.train, self.dist.rank, self.dist.world_size
+        """This rank's ``grad_accum_steps`` micro-batches of the next step, from the
+        ``DataLoader`` (restarted at ``global_step`` whenever steps were fed from
+        elsewhere, e.g. :meth:`step` with explicit batches)."""
+        accum = self.job.train.grad_accum_steps
+        if self._batches is None or self._loader_step != self.global_step:
+            self._batches = self._stream_at(self.global_step)
         out = []
-        for micro in range(cfg.grad_accum_steps):
-            idx = self.sampler.shard(self.global_step, micro, cfg.grad_accum_steps, rank, world)
-            batch = self.collator([self.train_set[i] for i in idx])
-            gen = torch.Generator().manual_seed(
-                (cfg.seed * 1_000_003 + self.global_step) * 1009 + micro * 31 + rank
-            )
-            batch["pixel_values"] = self.train_set.augment(batch["pixel_values"], gen)
-            out.append(batch)
+        for _ in range(accum):
+            try:
+                out.append(next(self._batches))
+            except StopIteration:  # past train.steps (the caller steps on): restart
+                self._batches = self._stream_at(self.global_step)
+                out.append(next(self._batches))
+            raise_batch_error(out[-1])
+        self._loader_step = self.global_step + 1
         return out
 
     def step(self, batches: Sequence[Batch] | None = None) -> float:
@@ -535,6 +597,7 @@ class Trainer:
         elif len(batches) != accum:
             raise ValueError(f"step() needs {accum} micro-batches, got {len(batches)}")
         self._apply_freeze_stage()
+        self._count_skipped(batches)
         loss, aux = self._forward_backward(batches)
         self._optimizer_step()
         self.global_step += 1
@@ -542,6 +605,21 @@ class Trainer:
         tokens = sum(b["input_ids"].shape[0] for b in batches) * self._positions
         self._record(loss, aux, tokens * self.dist.world_size)
         return loss
+
+    def _count_skipped(self, batches: Sequence[Batch]) -> None:
+        """Log the samples ``on_bad_sample = "skip"`` replaced in this rank's batches."""
+        for batch in batches:
+            for message in batch.get("skipped", []):
+                self._skipped += 1
+                self._log(
+                    f"rank {self.dist.rank} step {self.global_step}: skipped a bad sample "
+                    f"({self._skipped} so far): {message}"
+                )
+
+    @property
+    def skipped_samples(self) -> int:
+        """Bad samples this rank skipped so far (``data.on_bad_sample = "skip"``)."""
+        return self._skipped
 
     def _apply_freeze_stage(self) -> None:
         stage = freeze_specs_at(self.job.arch, self.global_step)
@@ -561,6 +639,14 @@ class Trainer:
         aux_logged: dict[str, float] = {}
         for batch in batches:
             frame_mask = batch["frame_mask"]
+            image_mask = batch.get("image_mask")
+            if image_mask is not None and not bool(image_mask.all()):
+                raise VLMTrainError(
+                    f"step {self.global_step}: the batch mixes text-only samples "
+                    f"({int((~image_mask).sum())} of {len(image_mask)}) with image samples, "
+                    "but model.loss(pixel_values, input_ids, labels, frame_mask) takes one "
+                    "image (or clip) per sample; give every record an image"
+                )
             with self._autocast():
                 # LM head fused with the cross-entropy: no (B, S, V) logits held
                 loss = self.model.loss(
@@ -601,7 +687,7 @@ class Trainer:
         w["n"] += 1
         w["tokens"] += tokens
         if self.global_step % cfg.log_every == 0 or self.global_step == cfg.steps:
-            (total,) = all_reduce_sum([w["loss"] / w["n"]])
+            total, skipped = all_reduce_sum([w["loss"] / w["n"], float(self._skipped)])
             avg = total / self.dist.world_size
             dt = max(time.perf_counter() - w["t"], 1e-9)
             lr = self.optimizer.param_groups[0]["lr"]
@@ -615,6 +701,8 @@ class Trainer:
             }
             if aux:
                 record["aux"] = aux
+            if skipped:
+                record["skipped_samples"] = int(skipped)
             self.metrics.write(record)
             if self._bar is not None:
                 tok_s = f"{w['tokens'] / dt:.0f}"
@@ -763,6 +851,13 @@ class Trainer:
         return self._result(None, result)
 
     def _plot(self) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            self.say(
+                "loss.png not written: matplotlib is not installed (pip install 'vlm-train[plot]')"
+            )
+            return
         try:
             plot_loss_curve(
                 self.run_dir / "metrics.jsonl", self.run_dir / "loss.png", title=self.job.name

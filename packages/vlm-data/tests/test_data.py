@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlm_train import (
+from vlm_data import (
     DIGIT_WORDS,
     IGNORE_INDEX,
     CaptionTooLongError,
@@ -21,8 +21,8 @@ from vlm_train import (
     digit_images,
     digits_split,
     load_image,
+    random_shift,
 )
-from vlm_train.data import random_shift
 
 
 def fake_preprocess(images: list) -> torch.Tensor:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from vlm_train import SPECIAL_TOKENS, TextTokenizer, VLMTrainError
+from vlm_data import SPECIAL_TOKENS, DataError, TextTokenizer
 
 CAPTIONS = ["three one four", "one five nine", "two six", "seven"]
 
@@ -31,8 +31,8 @@ def test_bpe_round_trip() -> None:
 
 
 def test_load_errors(tmp_path: Path) -> None:
-    with pytest.raises(VLMTrainError, match="not found"):
+    with pytest.raises(DataError, match="not found"):
         TextTokenizer.load(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{broken")
-    with pytest.raises(VLMTrainError, match="cannot read"):
+    with pytest.raises(DataError, match="cannot read"):
         TextTokenizer.load(tmp_path)
