@@ -222,6 +222,7 @@ CORE_FILES = [
     "freezing.py",
     "video.py",
     "unwrap.py",
+    "media.py",
     "testing.py",
 ]
 ARCH_NAMES = re.compile(r"joint_decoder|cross_attention|\bmot\b|\bmoma\b|mixture", re.IGNORECASE)
