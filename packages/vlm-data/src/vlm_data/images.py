@@ -83,7 +83,7 @@ def load_image(path: str | Path, *, data: IO[bytes] | None = None, record: str =
             "only for images you trust)"
         ) from exc
     except OSError as exc:  # incl. UnidentifiedImageError: not an image format PIL knows
-        if "truncated" in str(exc):
+        if "truncated" in str(exc).replace(str(path), ""):
             raise DataError(
                 f"cannot read image {where}: the file is truncated (incomplete copy or "
                 f"download?): {exc}"
