@@ -1,0 +1,1 @@
+"""Test fixture: a dataset plugin living outside the toolkit's packages."""
