@@ -248,3 +248,32 @@ def test_webdataset_missing_caption_is_named(tmp_path: Path) -> None:
     train = build_datasets(job.data, DatasetContext(preprocess=fake_preprocess))["train"]
     with pytest.raises(DataError, match=f"{path}:k1: no .txt member"):
         next(iter(train))
+
+
+def test_hf_dataset_from_a_saved_folder_with_column_mapping(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    images, labels = digit_images(np.arange(6))
+    table = {"picture": images, "label_text": [DIGIT_WORDS[int(y)] for y in labels]}
+    split = datasets.Dataset.from_dict(table).cast_column("picture", datasets.Image())
+    datasets.DatasetDict({"train": split, "test": split.select(range(2))}).save_to_disk(
+        str(tmp_path / "saved")
+    )
+    job = load_job_config(
+        {
+            "data": {
+                "type": "hf",
+                "path": str(tmp_path / "saved"),
+                "image_column": "picture",
+                "text_column": "label_text",
+                "prompt": "what digit",
+            }
+        }
+    )
+    sets = build_datasets(job.data, DatasetContext(preprocess=fake_preprocess))
+    assert len(sets["train"]) == 6 and len(sets["test"]) == 2
+    item = sets["train"][3]
+    assert item["caption"] == DIGIT_WORDS[int(labels[3])] and item["prompt"] == "what digit"
+    assert item["pixel_values"].shape == (3, 16, 16)
+    bad = load_job_config({"data": {"type": "hf", "path": str(tmp_path / "saved")}})
+    with pytest.raises(DataError, match=r"no column\(s\) \['image', 'text'\].*data.image_column"):
+        build_datasets(bad.data, DatasetContext(preprocess=fake_preprocess))
