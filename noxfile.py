@@ -343,7 +343,8 @@ def bench(session: nox.Session) -> None:
     Our rows time ``vlm_train.Trainer.step()`` (the step ``vlm train`` runs), so every
     package is installed, vlm-train included.  Writes ``build/bench/bench_vlm.json``,
     ``bench_vlm.png`` and prints the table; extra arguments go to
-    ``benchmarks/bench_vlm.py`` (e.g. ``nox -s bench -- --steps 20``).
+    ``benchmarks/bench_vlm.py`` (e.g. ``nox -s bench -- --steps 20``).  Then
+    ``benchmarks/bench_data.py`` times the input pipeline (``bench_data.json``).
     """
     install_packages(session, list(PACKAGES), extra="hf")
     install(session, "matplotlib")
@@ -357,6 +358,16 @@ def bench(session: nox.Session) -> None:
         "2",
         *session.posargs,
         env={"OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"},
+    )
+    # the input pipeline: Trainer.step() fed by DataLoader workers vs in-memory batches
+    session.run(
+        "python",
+        str(ROOT / "benchmarks" / "bench_data.py"),
+        "--out",
+        str(out),
+        "--cache",
+        str(out / "data_cache"),
+        env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
     )
 
 
