@@ -3,7 +3,13 @@
 from vlm_transformer.__about__ import __version__
 from vlm_transformer.attention import Attention, attention, repeat_kv
 from vlm_transformer.block import DecoderBlock
-from vlm_transformer.cache import KVCache, LayerKVCache, StepPositions
+from vlm_transformer.cache import (
+    KVCache,
+    LayerKVCache,
+    StaticKVCache,
+    StaticLayerKVCache,
+    StepPositions,
+)
 from vlm_transformer.context import ModalityContext
 from vlm_transformer.generate import DecodeContextFn, generate, sample_next_token
 from vlm_transformer.init import init_module_tree, mark_output_projection, mark_zero_init
@@ -28,6 +34,8 @@ __all__ = [
     "ModalityContext",
     "RMSNorm",
     "RotaryEmbedding",
+    "StaticKVCache",
+    "StaticLayerKVCache",
     "StepPositions",
     "SwiGLU",
     "Transformer",

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from vlm_transformer.cache import KVCache
+from vlm_transformer.cache import KVCache, StaticKVCache
 from vlm_transformer.context import ModalityContext
+from vlm_transformer.masks import AttentionMask
+from vlm_transformer.model import DECODE_STEP_UNSUPPORTED, Transformer
 
 __all__ = ["DecodeContextFn", "generate", "sample_next_token"]
 
@@ -22,6 +26,42 @@ perhaps stashed in ``cache.state``). With ``use_cache=False`` ``input_ids`` is t
 ``(B, S + step)`` sequence and the context must describe the full forward (prefix
 included). ``generate`` itself adds the key padding of left-padded prompts.
 """
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def _pick(
+    logits: Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """:func:`sample_next_token` without the argument checks (done once per call)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    scores = logits.float() / temperature
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        probs = sorted_scores.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass strictly before each token
+        drop_sorted = before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def sample_next_token(
@@ -42,27 +82,8 @@ def sample_next_token(
     Raises:
         ValueError: negative temperature, ``top_k < 1`` or ``top_p`` outside ``(0, 1]``.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    scores = logits.float() / temperature
-    if top_k is not None and top_k < scores.shape[-1]:
-        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_scores, order = scores.sort(dim=-1, descending=True)
-        probs = sorted_scores.softmax(dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # mass strictly before each token
-        drop_sorted = before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        scores = scores.masked_fill(drop, float("-inf"))
-    probs = scores.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    _check_sampling(temperature, top_k, top_p)
+    return _pick(logits, temperature, top_k, top_p, generator)
 
 
 def _with_padding(
@@ -82,6 +103,94 @@ def _with_padding(
     return dataclasses.replace(ctx, key_padding_mask=full)
 
 
+_PER_POSITION_FIELDS = (
+    "modality_ids",
+    "key_padding_mask",
+    "inputs_embeds",
+    "placeholder_mask",
+    "sequence_ids",
+    "image_query_mask",
+)
+
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[str, Callable[..., Tensor]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _compiled_decode(model: Transformer, options: Mapping[str, Any]) -> Callable[..., Tensor]:
+    """``torch.compile(model.decode_logits, dynamic=False, **options)``, one wrapper per
+    model and options (so Dynamo's cache of compiled graphs is reused across calls)."""
+    per_model = _COMPILED.setdefault(model, {})
+    key = repr(sorted(options.items()))
+    fn = per_model.get(key)
+    if fn is None:
+        fn = torch.compile(model.decode_logits, **{"dynamic": False, **options})
+        per_model[key] = fn
+    return fn
+
+
+class _CachedDecoder:
+    """The per-step half of cached decoding: feeds ``(B, 1)`` tokens into a prefilled
+    :class:`StaticKVCache` and returns ``(B, V)`` logits.
+
+    A :class:`Transformer` goes through :meth:`Transformer.decode_logits` (no
+    re-validation: a context is validated when it is a new object; no mask building:
+    the key validity is a view of the cache's buffer), eagerly on the filled part of the
+    cache, or compiled with static shapes over the whole buffer.  Any other model, or a
+    step context with a field the lean step does not handle, runs ``model(...)``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cache: StaticKVCache,
+        batch: int,
+        compile: Mapping[str, Any] | None,
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self.batch = batch
+        self.lean = isinstance(model, Transformer)
+        self.compiled = (
+            _compiled_decode(model, compile)
+            if compile is not None and isinstance(model, Transformer)
+            else None
+        )
+        self.checked: ModalityContext | None = None
+        self.dim = model.config.dim if isinstance(model, Transformer) else 0
+
+    def __call__(self, new: Tensor, ctx: ModalityContext | None) -> Tensor:
+        model, cache = self.model, self.cache
+        if not self.lean or (
+            ctx is not None and any(getattr(ctx, f) is not None for f in DECODE_STEP_UNSUPPORTED)
+        ):
+            return model(new, ctx, cache, logits_to_keep=1)[:, -1]  # type: ignore[no-any-return]
+        assert isinstance(model, Transformer)
+        if ctx is not None and ctx is not self.checked:
+            ctx.validate(self.batch, new.shape[1], self.dim)
+            self.checked = ctx
+        if self.compiled is not None:
+            positions, _, valid = cache.begin_static_step(self.batch, new.device)
+            try:
+                return self.compiled(
+                    new,
+                    ctx,
+                    cache,
+                    positions,
+                    AttentionMask(dense=valid[:, None, None, :]),
+                    cache.max_len - 1,
+                )
+            finally:
+                cache.end_static_step()
+        step = cache.begin_step(self.batch, new.shape[1], new.device)
+        mask = (
+            AttentionMask.full()
+            if step.key_valid is None
+            else AttentionMask(dense=step.key_valid[:, None, None, :])
+        )
+        return model.decode_logits(new, ctx, cache, step.positions, mask, step.past_len)
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -98,8 +207,9 @@ def generate(
     context: ModalityContext | None = None,
     decode_context_fn: DecodeContextFn | None = None,
     use_cache: bool = True,
+    compile: bool | Mapping[str, Any] = False,
 ) -> Tensor:
-    """Autoregressively extend ``input_ids``.
+    """Autoregressively extend a batch of prompts in one call.
 
     The first forward ("prefill") runs the prompt together with ``context`` (its image
     prefix, cross-attention features, ...). With ``use_cache=True`` (default) each
@@ -109,9 +219,18 @@ def generate(
     is then ``decode_context_fn(step, all_ids, None)``, or ``context`` reused when it has
     no per-position fields.
 
+    Cached decoding keeps per-token overhead low: the cache is a
+    :class:`StaticKVCache` sized ``P + S + max_new_tokens - 1`` (allocated once, written
+    in place), the output is one preallocated ``(B, S + max_new_tokens)`` tensor, the
+    key-padding mask is a view of one buffer, the sampling arguments and a step context
+    are checked once, and a :class:`Transformer` decodes through
+    :meth:`Transformer.decode_logits` (no re-validation, no mask building).  The tokens
+    are those of :class:`KVCache` decoding, bitwise.  A row stops after its first EOS
+    and then emits ``pad_token_id``; the loop ends when every row has stopped.
+
     Args:
         model: a ``Transformer`` (or anything with its ``forward(input_ids, context,
-            cache, *, logits_to_keep)`` signature).
+            cache, *, logits_to_keep)`` signature: it then runs ``forward`` every step).
         input_ids: ``(B, S)`` long prompts, left-padded when batched with padding.
         max_new_tokens: upper bound on generated tokens (>= 0).
         temperature, top_k, top_p, generator: see :func:`sample_next_token`.
@@ -119,6 +238,16 @@ def generate(
         pad_token_id: written after a row stopped (default: the first EOS id).
         attention_mask: ``(B, S)`` bool/int, 1 = real prompt token (left padding).
         context: :class:`ModalityContext` for the prefill.
+        use_cache: ``False`` recomputes the whole sequence every step.
+        compile: run the one-token decode step through ``torch.compile`` with static
+            shapes (attention over the whole preallocated cache, the slots not written
+            yet masked), compiled once per model and batch size.  Off by default: on a
+            CPU the compilation (tens of seconds) outweighs the saving for short
+            generations (see ``docs/performance.md``).  Tokens agree with eager decoding
+            up to float rounding (attention reduces over a longer, masked key axis).  A
+            mapping turns it on with those ``torch.compile`` keyword arguments (e.g.
+            ``{"backend": "aot_eager"}``).  Models other than a :class:`Transformer`
+            are not compiled.
 
     Returns:
         ``(B, S + T)`` long: the prompts followed by ``T <= max_new_tokens`` new tokens
@@ -126,7 +255,8 @@ def generate(
 
     Raises:
         ValueError: malformed ``input_ids`` / ``attention_mask``, negative
-            ``max_new_tokens``, or per-position context fields with ``use_cache=False``
+            ``max_new_tokens``, bad sampling arguments, ``compile=True`` with
+            ``use_cache=False``, or per-position context fields with ``use_cache=False``
             and no ``decode_context_fn``.
     """
     if input_ids.ndim != 2 or input_ids.dtype != torch.long:
@@ -135,7 +265,13 @@ def generate(
         )
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    batch, _ = input_ids.shape
+    _check_sampling(temperature, top_k, top_p)
+    if compile is not False and not use_cache:
+        raise ValueError("compile=True compiles the cached decode step: it needs use_cache=True")
+    options: Mapping[str, Any] | None = (
+        None if compile is False else {} if compile is True else dict(compile)
+    )
+    batch, prompt_len = input_ids.shape
     device = input_ids.device
     text_valid: Tensor | None = None
     if attention_mask is not None:
@@ -160,17 +296,7 @@ def generate(
         not use_cache
         and decode_context_fn is None
         and context is not None
-        and any(
-            getattr(context, f) is not None
-            for f in (
-                "modality_ids",
-                "key_padding_mask",
-                "inputs_embeds",
-                "placeholder_mask",
-                "sequence_ids",
-                "image_query_mask",
-            )
-        )
+        and any(getattr(context, f) is not None for f in _PER_POSITION_FIELDS)
     ):
         raise ValueError(
             "use_cache=False with per-position context fields (modality_ids, "
@@ -181,29 +307,42 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        cache = KVCache() if use_cache else None
-        sequence = input_ids
+        out = input_ids.new_full((batch, prompt_len + max_new_tokens), pad)
+        out[:, :prompt_len] = input_ids
+        prefix_len = 0 if context is None else context.prefix_len
+        cache = (
+            StaticKVCache(max(prefix_len + prompt_len + max_new_tokens - 1, 1))
+            if use_cache
+            else None
+        )
+        decoder = (
+            None
+            if cache is None
+            else _CachedDecoder(model, cache, batch, options if max_new_tokens > 1 else None)
+        )
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        produced = 0
         logits = model(
             input_ids, _with_padding(context, text_valid, batch), cache, logits_to_keep=1
         )[:, -1]
         for step in range(1, max_new_tokens + 1):
-            token = sample_next_token(
-                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-            )
-            token = torch.where(finished, torch.full_like(token, pad), token)
-            sequence = torch.cat((sequence, token[:, None]), dim=1)
+            token = _pick(logits, temperature, top_k, top_p, generator)
             if eos_ids:
-                finished = finished | torch.isin(token, eos_t)
+                token.masked_fill_(finished, pad)
+            out[:, prompt_len + step - 1] = token
+            produced = step
+            if eos_ids:
+                finished |= torch.isin(token, eos_t)
                 if bool(finished.all()):
                     break
             if step == max_new_tokens:
                 break
-            if cache is not None:
+            if decoder is not None:
                 new = token[:, None]
                 ctx = None if decode_context_fn is None else decode_context_fn(step, new, cache)
-                logits = model(new, ctx, cache, logits_to_keep=1)[:, -1]
+                logits = decoder(new, ctx)
             else:
+                sequence = out[:, : prompt_len + step]
                 ctx = (
                     decode_context_fn(step, sequence, None)
                     if decode_context_fn is not None
@@ -218,4 +357,4 @@ def generate(
                 ]
     finally:
         model.train(was_training)
-    return sequence
+    return out if produced == max_new_tokens else out[:, : prompt_len + produced].clone()

@@ -12,11 +12,23 @@ from torch import Tensor, nn
 from vlm_config import ModelConfig
 from vlm_transformer.cache import KVCache
 from vlm_transformer.context import ModalityContext
-from vlm_transformer.masks import build_attention_mask
+from vlm_transformer.masks import AttentionMask, build_attention_mask
 from vlm_transformer.rotary import RotaryEmbedding
 from vlm_transformer.trunk import DenseTrunk, Trunk, TrunkInputs
 
-__all__ = ["Transformer", "segment_positions"]
+__all__ = ["DECODE_STEP_UNSUPPORTED", "Transformer", "segment_positions"]
+
+DECODE_STEP_UNSUPPORTED = (
+    "prefix_embeds",
+    "inputs_embeds",
+    "placeholder_mask",
+    "sequence_ids",
+    "key_padding_mask",
+    "trim_prefix",
+    "grad_anchor",
+)
+"""``ModalityContext`` fields :meth:`Transformer.decode_logits` does not handle (a decode
+step with one of them set goes through :meth:`Transformer.forward`)."""
 
 
 def segment_positions(sequence_ids: Tensor, key_valid: Tensor | None = None) -> Tensor:
@@ -236,6 +248,53 @@ class Transformer(nn.Module):
             )
         if head is not None:
             return head(hidden)  # type: ignore[no-any-return]
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        return F.linear(hidden, self.embed.weight)
+
+    def decode_logits(
+        self,
+        input_ids: Tensor,
+        context: ModalityContext | None,
+        cache: KVCache,
+        positions: Tensor,
+        mask: AttentionMask,
+        past_len: int,
+    ) -> Tensor:
+        """The lean forward of one cached decode step: next-token logits of the last position.
+
+        What :meth:`forward` computes for ``input_ids`` after the cache, minus the
+        per-call bookkeeping: no validation (the caller validates ``context`` once with
+        :meth:`ModalityContext.validate` and keeps the fields of
+        :data:`DECODE_STEP_UNSUPPORTED` unset), no cache registration (the caller ran
+        ``cache.begin_step`` / ``begin_static_step`` and passes what it returned), no mask
+        construction.  Only tensors flow through it, so it compiles with static shapes.
+
+        Args:
+            input_ids: ``(B, S_new)`` long, the new tokens.
+            context: side inputs of the step (``image_features``, ``modality_ids`` ...).
+            cache: the cache the step's keys/values are written to.
+            positions: ``(B, S_new)`` long rotary positions.
+            mask: the self-attention mask of the new queries over the cached keys.
+            past_len: slots before the new ones (``TrunkInputs.past_len``).
+
+        Returns:
+            ``(B, vocab)`` logits of the last new position, in the activation dtype.
+        """
+        hidden = self.embed(input_ids)
+        cos, sin = self.rotary(positions)
+        state = TrunkInputs(
+            cos=cos,
+            sin=sin,
+            mask=mask,
+            positions=positions,
+            context=context,
+            cache=cache,
+            prefix_len=0,
+            past_len=past_len,
+            output_from=input_ids.shape[1] - 1,
+        )
+        hidden = self.trunk(hidden, state)[:, -1]
         if self.lm_head is not None:
             return self.lm_head(hidden)
         return F.linear(hidden, self.embed.weight)
