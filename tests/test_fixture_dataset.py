@@ -21,7 +21,13 @@ vocab_size = 32
 max_seq_len = 16
 [encoder]
 type = "siglip"
-tower = {{ hidden_size = 16, num_hidden_layers = 1, num_attention_heads = 1, intermediate_size = 32, image_size = 16, patch_size = 8 }}
+[encoder.tower]
+hidden_size = 16
+num_hidden_layers = 1
+num_attention_heads = 1
+intermediate_size = 32
+image_size = 16
+patch_size = 8
 [arch]
 max_text_len = 4
 [data]
