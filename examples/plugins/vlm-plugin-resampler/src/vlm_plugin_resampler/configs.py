@@ -26,6 +26,13 @@ class PerceiverResamplerConfig(AdapterConfig):
         num_heads: attention heads; must divide the decoder width ``model.dim`` (checked
             by :meth:`check_model` when the job validates, and again at build).
         ffn_mult: FFN hidden width as a multiple of the decoder width.
+        spatial_prior: give each latent a 2-D reference point on a grid over the image
+            and add ``-slope_h * distance**2`` (learned per head) to the attention
+            logits, so a fresh resampler is a set of multi-scale local pools rather
+            than a global average (see :mod:`vlm_plugin_resampler.resampler`).  Off:
+            the plain Flamingo resampler.
+        prior_sigma: the initial Gaussian width of head 0's bias, in latent-grid cells;
+            head ``h`` starts at ``prior_sigma * 1.5**h``.
     """
 
     type: Literal["perceiver_resampler"] = "perceiver_resampler"
@@ -33,6 +40,8 @@ class PerceiverResamplerConfig(AdapterConfig):
     depth: int = Field(default=1, ge=1, le=12)
     num_heads: int = Field(default=4, ge=1)
     ffn_mult: int = Field(default=4, ge=1, le=16)
+    spatial_prior: bool = True
+    prior_sigma: float = Field(default=0.25, gt=0.0, le=100.0)
     implementation: ClassVar[str] = "vlm_plugin_resampler.resampler:build_perceiver_resampler"
 
     def predicted_num_tokens(self, num_input_tokens: int) -> int:
