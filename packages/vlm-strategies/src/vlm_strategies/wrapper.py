@@ -393,7 +393,11 @@ class VLMWrapper(nn.Module):
                 archs with ``incremental_decoding = False``).
             kwargs: to :func:`vlm_transformer.generate` (``temperature``, ``top_k``,
                 ``top_p``, ``eos_token_id``, ``pad_token_id``, ``attention_mask`` for
-                left-padded prompts, ``generator``).
+                left-padded prompts, ``generator``, ``compile`` for a compiled
+                static-shape decode step).  The whole batch is generated in this one
+                call: a preallocated KV cache written in place, and a row stops at its
+                first EOS (then emits ``pad_token_id``) while the loop ends when every
+                row has stopped.
 
         Returns:
             ``(B, S + T)`` long: prompts followed by the new tokens.
