@@ -1,5 +1,5 @@
 """The Trainer's input pipeline: bad samples skipped and counted, or one clear error;
-text-only samples in a batch stop with what the model must accept."""
+text-only samples train next to image samples."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from conftest import tiny_job
 
 from vlm_data import DIGIT_WORDS, DataError, digit_images
-from vlm_train import Trainer, VLMTrainError
+from vlm_train import Trainer
 
 
 def _manifest(tmp_path: Path, bad: dict[int, dict[str, str]]) -> Path:
@@ -51,10 +51,25 @@ def test_error_names_file_and_record(tmp_path: Path) -> None:
     assert str(info.value) == f"image file not found: {tmp_path / 'missing.png'} ({manifest}:6)"
 
 
-def test_text_only_sample_in_a_batch_says_what_the_model_needs(tmp_path: Path) -> None:
-    manifest = _manifest(tmp_path, {2: {"caption": "two"}})
+def test_text_only_samples_train_through_a_media_batch(tmp_path: Path) -> None:
+    """A batch mixing text-only records becomes a MediaBatch (an image row is
+    ``[placeholders] text``, a text-only row ``text``); with every row holding an image
+    that MediaBatch gives the prefix layout's loss."""
+    import torch
+
+    manifest = _manifest(tmp_path, {2: {"caption": "two"}, 9: {"caption": "nine"}})
     data = {"type": "jsonl", "train_file": str(manifest), "num_workers": 0}
-    job = tiny_job(tmp_path / "run", "train.steps=2", data=data)
-    with Trainer(job, log=lambda _m: None) as trainer, pytest.raises(VLMTrainError) as info:
-        trainer.step()
-    assert "mixes text-only samples (1 of 16)" in str(info.value)
+    job = tiny_job(tmp_path / "run", "train.steps=3", data=data)
+    with Trainer(job, log=lambda _m: None) as trainer:
+        (batch,) = trainer.next_batches()
+        mask = batch["image_mask"]
+        assert mask.tolist().count(False) == 2 and len(mask) == 16
+        model, device = trainer.model, trainer.dist.device
+        with torch.no_grad():
+            prefix = model.loss(batch["pixel_values"], batch["input_ids"], batch["labels"])
+            every = trainer._media_batch(batch, torch.ones_like(mask), device)
+            assert torch.allclose(model.loss(every), prefix, rtol=1e-5, atol=1e-6)
+            mixed = trainer._media_batch(batch, mask, device)
+            assert mixed.pixel_values.shape[0] == 14
+        losses = [trainer.step() for _ in range(3)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]

@@ -640,21 +640,19 @@ class Trainer:
         for batch in batches:
             frame_mask = batch["frame_mask"]
             image_mask = batch.get("image_mask")
-            if image_mask is not None and not bool(image_mask.all()):
-                raise VLMTrainError(
-                    f"step {self.global_step}: the batch mixes text-only samples "
-                    f"({int((~image_mask).sum())} of {len(image_mask)}) with image samples, "
-                    "but model.loss(pixel_values, input_ids, labels, frame_mask) takes one "
-                    "image (or clip) per sample; give every record an image"
-                )
             with self._autocast():
                 # LM head fused with the cross-entropy: no (B, S, V) logits held
-                loss = self.model.loss(
-                    batch["pixel_values"].to(device),
-                    batch["input_ids"].to(device),
-                    batch["labels"].to(device),
-                    None if frame_mask is None else frame_mask.to(device),
-                )
+                if image_mask is not None and not bool(image_mask.all()):
+                    # text-only samples: images anywhere (0 or 1 image per row)
+                    media = self._media_batch(batch, image_mask, device)
+                    loss = self.model.loss(media)
+                else:
+                    loss = self.model.loss(
+                        batch["pixel_values"].to(device),
+                        batch["input_ids"].to(device),
+                        batch["labels"].to(device),
+                        None if frame_mask is None else frame_mask.to(device),
+                    )
                 total = loss
                 for name, value in self.model.auxiliary_losses().items():
                     weight = cfg.aux_loss_weights.get(name, 1.0)
@@ -666,6 +664,39 @@ class Trainer:
         if not math.isfinite(step_loss):
             raise VLMTrainError(f"the loss became {step_loss} at step {self.global_step}")
         return step_loss, {k: v / len(batches) for k, v in aux_logged.items()}
+
+    def _media_batch(self, batch: Batch, image_mask: torch.Tensor, device: torch.device) -> Any:
+        """A prefix-layout batch with text-only rows as a ``vlm_strategies.MediaBatch``:
+        an image row is ``[placeholders] text``, a text-only row is ``text [padding]``;
+        only the rows with an image contribute pixels (``image_sample_index``)."""
+        from vlm_strategies import MediaBatch, placeholders_per_image
+
+        k = placeholders_per_image(getattr(self.model, "num_image_positions", 0))
+        ids, labels, attn = batch["input_ids"], batch["labels"], batch["attention_mask"]
+        rows, width = ids.shape
+        new_ids = torch.full((rows, k + width), self.tokenizer.pad_id, dtype=torch.long)
+        new_labels = torch.full_like(new_ids, -100)
+        new_attn = torch.zeros((rows, k + width), dtype=torch.bool)
+        placeholder = torch.zeros((rows, k + width), dtype=torch.bool)
+        for row, has_image in enumerate(image_mask.tolist()):
+            start = k if has_image else 0
+            new_ids[row, start : start + width] = ids[row]
+            new_labels[row, start : start + width] = labels[row]
+            new_attn[row, start : start + width] = attn[row]
+            if has_image:
+                new_attn[row, :k] = True
+                placeholder[row, :k] = True
+        frame_mask = batch["frame_mask"]
+        return MediaBatch(
+            input_ids=new_ids.to(device),
+            image_token_id=self.tokenizer.pad_id,
+            pixel_values=batch["pixel_values"][image_mask].to(device),
+            image_sample_index=torch.nonzero(image_mask).flatten().to(device),
+            frame_mask=None if frame_mask is None else frame_mask[image_mask].to(device),
+            attention_mask=new_attn.to(device),
+            labels=new_labels.to(device),
+            placeholder_mask=placeholder.to(device),
+        )
 
     def _optimizer_step(self) -> None:
         clip = self.job.train.grad_clip
