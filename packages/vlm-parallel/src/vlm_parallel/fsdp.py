@@ -33,6 +33,12 @@ def torch_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}") from None
 
 
+def _register_decode_step(transformer: Transformer) -> None:
+    """Generation's lean one-token step bypasses ``forward``; registering it makes FSDP2
+    all-gather the transformer's own parameters (embedding, head, final norm) around it."""
+    register_fsdp_forward_method(transformer, "decode_logits")
+
+
 def _has_params(module: nn.Module | None) -> bool:
     return module is not None and any(True for _ in module.parameters())
 
@@ -109,10 +115,12 @@ def apply_fsdp(
             fully_shard(block, mp_policy=policy, **common)
     if isinstance(model, Transformer):
         fully_shard(model, mp_policy=root_policy, **common)
+        _register_decode_step(model)
         setattr(model, _MARK, True)
         return model
 
     fully_shard(transformer, mp_policy=policy, **common)
+    _register_decode_step(transformer)
     if _has_params(model.adapter):
         fully_shard(model.adapter, mp_policy=policy, **common)
     if _has_params(model.frame_positions):
