@@ -186,6 +186,18 @@ class ArchConfig(ComponentConfig):
         """
         return num_visual_tokens
 
+    def image_placeholder_tokens(self, num_visual_tokens: int) -> int:
+        """Placeholder ids one ``<image>`` expands to in a sample with images anywhere.
+
+        ``residual_image_positions(num_visual_tokens)`` when the arch puts image
+        positions into the residual stream, else 1 (an arch reading images from the
+        side still needs one marker whose position orders the image in the text).
+        Torch-free, so the data side computes it from the config alone; the model side
+        (``strategy.image_placeholders``) follows the same rule.
+        """
+        positions = self.residual_image_positions(num_visual_tokens)
+        return positions if positions > 0 else 1
+
     @classmethod
     def all_module_aliases(cls) -> dict[str, tuple[str, ...]]:
         """The base aliases plus this arch's own."""
