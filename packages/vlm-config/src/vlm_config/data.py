@@ -57,6 +57,13 @@ class DatasetConfig(ComponentConfig):
             naming the file, the record and what is wrong; ``"skip"`` replaces it by the
             next readable sample of the dataset, counts it and logs it.
         eval_batch_size / max_eval_samples: held-out evaluation.
+        packing: training micro-batches pack several samples into each row
+            (``vlm_data.PackingCollator``: first-fit decreasing, no padding between
+            samples, attention/positions/routing restart per sample); the loss is the
+            same per-token mean as unpacked, over the same samples.  Evaluation is
+            never packed.
+        packed_length: positions per packed row; ``None``: ``model.max_seq_len``.  A
+            sample (image placeholders + text) longer than this is an error.
     """
 
     type: str
@@ -77,6 +84,12 @@ class DatasetConfig(ComponentConfig):
     )
     eval_batch_size: int = Field(default=256, ge=1)
     max_eval_samples: int | None = Field(default=None, ge=1)
+    packing: bool = Field(
+        default=False, description="pack several training samples into each row"
+    )
+    packed_length: int | None = Field(
+        default=None, ge=1, description="positions per packed row; None: model.max_seq_len"
+    )
 
 
 #: The name ``vlm_config.DataConfig`` of vlm-config 0.1, kept for imports: the base class.
