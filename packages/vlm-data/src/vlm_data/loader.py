@@ -11,13 +11,12 @@ the rank) and applies ``on_bad_sample``.  A :class:`~vlm_data.StreamingDataset` 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from vlm_data.collate import ImageTextCollator
 from vlm_data.dataset import (
     ImageTextDataset,
     Sample,
@@ -41,6 +40,10 @@ MAX_SKIPS = 100
 
 OnBad = Literal["error", "skip"]
 
+#: a collator: samples -> batch (:class:`~vlm_data.ImageTextCollator`, or
+#: :class:`~vlm_data.PackingCollator` for packed training rows)
+Collate = Callable[[list[Sample]], Any]
+
 
 def _augmented(dataset: Any, sample: Sample, generator: torch.Generator) -> Sample:
     if "pixel_values" in sample:
@@ -61,7 +64,7 @@ class SafeCollate:
     :class:`DataError` of the collator (e.g. a caption too long), becomes a batch
     ``{"error": message}`` that :func:`raise_batch_error` raises in the main process."""
 
-    def __init__(self, collator: ImageTextCollator) -> None:
+    def __init__(self, collator: Collate) -> None:
         self.collator = collator
 
     def __call__(self, samples: list[Sample]) -> Any:
@@ -203,7 +206,7 @@ class StreamView(IterableDataset[Sample]):
 
 def train_loader(
     dataset: ImageTextDataset | StreamingDataset,
-    collator: ImageTextCollator,
+    collator: Collate,
     sampler: GlobalBatchSampler | None,
     *,
     num_micro: int,
