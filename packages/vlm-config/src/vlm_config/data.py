@@ -84,9 +84,7 @@ class DatasetConfig(ComponentConfig):
     )
     eval_batch_size: int = Field(default=256, ge=1)
     max_eval_samples: int | None = Field(default=None, ge=1)
-    packing: bool = Field(
-        default=False, description="pack several training samples into each row"
-    )
+    packing: bool = Field(default=False, description="pack several training samples into each row")
     packed_length: int | None = Field(
         default=None, ge=1, description="positions per packed row; None: model.max_seq_len"
     )

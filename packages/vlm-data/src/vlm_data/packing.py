@@ -247,9 +247,7 @@ class PackingCollator:
             "skipped": skipped,
         }
 
-    def _images(
-        self, samples: Sequence[Sample], order: list[int]
-    ) -> tuple[Tensor, Tensor | None]:
+    def _images(self, samples: Sequence[Sample], order: list[int]) -> tuple[Tensor, Tensor | None]:
         """``(N, ...)`` pixels of the samples in ``order`` and their ``(N, F)`` frame mask
         (``None`` unless a sample has one); ``(0, *image_shape)`` when there is none."""
         shapes = {tuple(samples[i]["pixel_values"].shape) for i in order}
