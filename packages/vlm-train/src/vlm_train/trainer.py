@@ -419,6 +419,17 @@ class Trainer:
         self.train_set, self.test_set = datasets["train"], datasets.get("test")
         self.tokenizer = self._tokenizer(resuming=resuming)
         self.collator = ImageTextCollator(self.tokenizer, job.arch.max_text_len)
+        self.train_collator: Any = self.collator
+        if job.data.packing:  # training rows pack several samples; evaluation does not
+            from vlm_data import PackingCollator
+            from vlm_strategies import placeholders_per_image
+
+            positions = getattr(self.model, "num_image_positions", 0)
+            self.train_collator = PackingCollator(
+                self.collator,
+                row_length=job.data.packed_length or job.model.max_seq_len,
+                placeholders_per_image=placeholders_per_image(positions),
+            )
         if getattr(self.train_set, "captions_known", False):
             # fail before the first step on captions that do not fit (no decoding needed)
             for caption in set(self.train_set.captions()):
@@ -444,7 +455,7 @@ class Trainer:
         micro = cfg.batch_size // cfg.grad_accum_steps // self.dist.world_size
         return train_loader(
             self.train_set,
-            self.collator,
+            self.train_collator,
             self.sampler,
             num_micro=cfg.grad_accum_steps,
             micro_batch=micro,
@@ -602,9 +613,15 @@ class Trainer:
         self._optimizer_step()
         self.global_step += 1
         self.last_loss = loss
-        tokens = sum(b["input_ids"].shape[0] for b in batches) * self._positions
+        tokens = sum(self._batch_positions(b) for b in batches)
         self._record(loss, aux, tokens * self.dist.world_size)
         return loss
+
+    def _batch_positions(self, batch: Batch) -> int:
+        """Positions (padding included) a micro-batch runs through the decoder."""
+        if "sequence_ids" in batch:  # packed rows (vlm_data.PackingCollator)
+            return int(batch["input_ids"].numel())
+        return int(batch["input_ids"].shape[0]) * self._positions
 
     def _count_skipped(self, batches: Sequence[Batch]) -> None:
         """Log the samples ``on_bad_sample = "skip"`` replaced in this rank's batches."""
@@ -642,7 +659,10 @@ class Trainer:
             image_mask = batch.get("image_mask")
             with self._autocast():
                 # LM head fused with the cross-entropy: no (B, S, V) logits held
-                if image_mask is not None and not bool(image_mask.all()):
+                if "sequence_ids" in batch:
+                    # packed rows: mean over the same non-ignored tokens as unpacked
+                    loss = self.model.loss(self._packed_batch(batch, device))
+                elif image_mask is not None and not bool(image_mask.all()):
                     # text-only samples: images anywhere (0 or 1 image per row)
                     media = self._media_batch(batch, image_mask, device)
                     loss = self.model.loss(media)
@@ -664,6 +684,18 @@ class Trainer:
         if not math.isfinite(step_loss):
             raise VLMTrainError(f"the loss became {step_loss} at step {self.global_step}")
         return step_loss, {k: v / len(batches) for k, v in aux_logged.items()}
+
+    @staticmethod
+    def _packed_batch(batch: Any, device: torch.device) -> Any:
+        """A :class:`vlm_data.PackedBatch` as a ``vlm_strategies.MediaBatch``."""
+        from vlm_data.packing import MEDIA_FIELDS
+        from vlm_strategies import MediaBatch
+
+        fields = {k: batch[k] for k in MEDIA_FIELDS}
+        for key, value in fields.items():
+            if isinstance(value, torch.Tensor):
+                fields[key] = value.to(device)
+        return MediaBatch(**fields)
 
     def _media_batch(self, batch: Batch, image_mask: torch.Tensor, device: torch.device) -> Any:
         """A prefix-layout batch with text-only rows as a ``vlm_strategies.MediaBatch``:
