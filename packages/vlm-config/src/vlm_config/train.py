@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from vlm_config.components import StrictModel
@@ -39,6 +41,17 @@ class TrainConfig(StrictModel):
     export: bool = Field(default=True, description="export a consolidated model at the end")
     num_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op CPU threads; None: torch's default"
+    )
+    feature_cache: Literal["auto", "off", "on"] = Field(
+        default="auto",
+        description=(
+            "precompute a frozen vision encoder's features once and train from them: "
+            "'auto' when valid (encoder frozen at every freeze stage and weighted, "
+            "augmentation off, map-style data), 'on' = an error when not valid, 'off'"
+        ),
+    )
+    feature_cache_dir: str | None = Field(
+        default=None, description="where feature caches live; None: <output_dir>/feature_cache"
     )
 
     @model_validator(mode="after")

@@ -104,6 +104,11 @@ class DigitsCaptionDataset(ImageTextDataset):
         self.shift_unit = max(self.pixels.shape[-1] // 8, 1)
         self.background = float(self.pixels[:, :, 0, 0].mode(dim=0).values[0])
 
+    @property
+    def augments(self) -> bool:
+        """Whether :meth:`augment` changes pixels (``augment_shift > 0``)."""
+        return self.augment_shift > 0
+
     def augment(self, pixel_values: Tensor, generator: torch.Generator) -> Tensor:
         """Random translation of one sample (each frame of a clip on its own) by up to
         ``augment_shift`` source pixels of the 8x8 grid."""
@@ -176,6 +181,11 @@ class DigitsVideoDataset(ImageTextDataset):
 
     def __len__(self) -> int:
         return len(self.clips)
+
+    @property
+    def augments(self) -> bool:
+        """Whether :meth:`augment` changes pixels (``augment_shift > 0``)."""
+        return self.images.augments
 
     def augment(self, pixel_values: Tensor, generator: torch.Generator) -> Tensor:
         return self.images.augment(pixel_values, generator)

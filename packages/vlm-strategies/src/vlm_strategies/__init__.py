@@ -15,6 +15,7 @@ _LAZY = {
     "ArchImplementation": "vlm_strategies.api",
     "PrefixArchImplementation": "vlm_strategies.api",
     "VLMWrapper": "vlm_strategies.wrapper",
+    "VisionFeatures": "vlm_strategies.wrapper",
     "MediaBatch": "vlm_strategies.media",
     "MediaEmbeds": "vlm_strategies.media",
     "MediaLayout": "vlm_strategies.media",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -14,9 +15,72 @@ from vlm_strategies.video import FramePositionEmbedding, expand_frame_mask, fold
 from vlm_transformer import KVCache, ModalityContext, Transformer, linear_cross_entropy
 from vlm_transformer import generate as _generate
 
-__all__ = ["IGNORE_INDEX", "VLMWrapper", "causal_lm_loss", "shift_labels"]
+__all__ = ["IGNORE_INDEX", "VLMWrapper", "VisionFeatures", "causal_lm_loss", "shift_labels"]
 
 IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class VisionFeatures:
+    """The vision encoder's output, precomputed, standing in for ``pixel_values``.
+
+    Pass it wherever the image-prefix layout takes ``pixel_values``
+    (``model.loss(VisionFeatures(f), ids, labels, frame_mask)``, ``model(...)``,
+    ``model.generate(...)``): the encoder is skipped and the features go through the
+    adapter, frame positions and the arch exactly as the encoder's output would, so
+    ``VisionFeatures(model.vision_encoder(pixels))`` gives bit-identical outputs (for
+    clips, the encoder's output on the folded ``(B*F, 3, H, W)`` frames viewed as
+    ``(B, F, N, Dv)``).  Used by the training feature cache of a frozen encoder.
+
+    An arch implementation that overrides ``prepare`` must hand its ``pixel_values``
+    to ``wrapper.encode_images`` unchanged for this to work (the default does).
+
+    Attributes:
+        features: ``(B, N, Dv)`` per image, or ``(B, F, N, Dv)`` per clip frame
+            (``N = vision_encoder.num_tokens``, ``Dv = vision_encoder.feature_dim``).
+    """
+
+    features: Tensor
+
+    def __post_init__(self) -> None:
+        f = self.features
+        if not isinstance(f, Tensor) or f.ndim not in (3, 4) or not f.is_floating_point():
+            what = f"{tuple(f.shape)} {f.dtype}" if isinstance(f, Tensor) else type(f).__name__
+            raise ValueError(
+                "VisionFeatures.features must be floating (B, N, Dv) image features or "
+                f"(B, F, N, Dv) clip features, got {what}"
+            )
+
+    @property
+    def batch_size(self) -> int:
+        """``B``."""
+        return int(self.features.shape[0])
+
+    def to(self, device: torch.device | str) -> VisionFeatures:
+        """These features on ``device`` (non-blocking from pinned memory)."""
+        return VisionFeatures(self.features.to(device, non_blocking=True))
+
+    def folded(self, frames_per_clip: int, num_tokens: int, feature_dim: int) -> Tensor:
+        """``(B*F, N, Dv)``, frames folded into the batch like the encoder's input.
+
+        Raises:
+            ValueError: ``(N, Dv)`` differ from the encoder's, or ``F`` from
+                ``frames_per_clip`` (naming both).
+        """
+        f = self.features
+        frames = 1 if f.ndim == 3 else int(f.shape[1])
+        if tuple(f.shape[-2:]) != (num_tokens, feature_dim):
+            raise ValueError(
+                f"VisionFeatures hold (N, Dv) = {tuple(f.shape[-2:])} per image but the "
+                f"model's encoder gives ({num_tokens}, {feature_dim}): features computed "
+                "by another encoder?"
+            )
+        if frames != frames_per_clip:
+            raise ValueError(
+                f"got clip features of {frames} frame(s) but the model was built with "
+                f"frames_per_clip={frames_per_clip}"
+            )
+        return f if f.ndim == 3 else f.flatten(0, 1)
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -149,12 +213,14 @@ class VLMWrapper(nn.Module):
 
     # ------------------------------------------------------------------ compute
     def encode_images(
-        self, pixel_values: Tensor, frame_mask: Tensor | None = None
+        self, pixel_values: Tensor | VisionFeatures, frame_mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """Pixels -> visual tokens in the decoder's dtype.
 
         Args:
-            pixel_values: ``(B,3,H,W)`` images or ``(B,F,3,H,W)`` clips.
+            pixel_values: ``(B,3,H,W)`` images or ``(B,F,3,H,W)`` clips, or the
+                encoder's precomputed output (:class:`VisionFeatures`: the encoder is
+                skipped).
             frame_mask: ``(B,F)`` bool, True = real frame (clips only).
 
         Returns:
@@ -177,15 +243,23 @@ class VLMWrapper(nn.Module):
         return self._encode_images(pixel_values, frame_mask)
 
     def _encode_images(
-        self, pixel_values: Tensor, frame_mask: Tensor | None
+        self, pixel_values: Tensor | VisionFeatures, frame_mask: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
-        batch = pixel_values.shape[0]
-        folded, frames = fold_frames(pixel_values, self.frames_per_clip)
-        if self.encoder_frozen:
-            with torch.no_grad():
-                features = self.vision_encoder(folded)
+        if isinstance(pixel_values, VisionFeatures):
+            batch = pixel_values.batch_size
+            encoder: Any = self.vision_encoder
+            features = pixel_values.folded(
+                self.frames_per_clip, encoder.num_tokens, encoder.feature_dim
+            )
+            frames = self.frames_per_clip
         else:
-            features = self.vision_encoder(folded)
+            batch = pixel_values.shape[0]
+            folded, frames = fold_frames(pixel_values, self.frames_per_clip)
+            if self.encoder_frozen:
+                with torch.no_grad():
+                    features = self.vision_encoder(folded)
+            else:
+                features = self.vision_encoder(folded)
         features = features.to(_param_dtype(self.adapter, features.dtype))
         tokens = self.adapter(features)
         m, dim = tokens.shape[1], tokens.shape[2]
@@ -248,7 +322,7 @@ class VLMWrapper(nn.Module):
 
     def forward(
         self,
-        pixel_values: Tensor | MediaBatch,
+        pixel_values: Tensor | MediaBatch | VisionFeatures,
         input_ids: Tensor | None = None,
         labels: Tensor | None = None,
         frame_mask: Tensor | None = None,
@@ -262,7 +336,8 @@ class VLMWrapper(nn.Module):
         their labels are ignored) and ``labels`` defaults to ``batch.labels``.
 
         Args:
-            pixel_values: ``(B,3,H,W)`` or ``(B,F,3,H,W)``, or a :class:`MediaBatch`.
+            pixel_values: ``(B,3,H,W)`` or ``(B,F,3,H,W)``, precomputed encoder output
+                (:class:`VisionFeatures`, prefix layout), or a :class:`MediaBatch`.
             input_ids: ``(B,S)`` long (prefix layout only).
             labels: ``(B,S)`` long aligned with ``input_ids`` (returned unchanged; see
                 :func:`causal_lm_loss`).
@@ -284,13 +359,14 @@ class VLMWrapper(nn.Module):
             return logits, batch.labels if labels is None else labels
         if input_ids is None:
             raise TypeError("VLMWrapper.forward(pixel_values, input_ids) needs input_ids")
-        context = self.strategy.prepare(self, pixel_values, input_ids, frame_mask)
+        # archs hand pixel_values to encode_images untouched: VisionFeatures pass through
+        context = self.strategy.prepare(self, cast(Tensor, pixel_values), input_ids, frame_mask)
         logits = self.transformer(input_ids, context)
         return logits, labels
 
     def loss(
         self,
-        pixel_values: Tensor | MediaBatch,
+        pixel_values: Tensor | MediaBatch | VisionFeatures,
         input_ids: Tensor | None = None,
         labels: Tensor | None = None,
         frame_mask: Tensor | None = None,
@@ -307,7 +383,8 @@ class VLMWrapper(nn.Module):
         see :meth:`auxiliary_losses`).
 
         Images anywhere: ``loss(batch)`` (labels from ``batch.labels``) or
-        ``loss(batch, labels=labels)`` with a :class:`MediaBatch`.
+        ``loss(batch, labels=labels)`` with a :class:`MediaBatch`.  Precomputed encoder
+        output: ``loss(VisionFeatures(features), input_ids, labels, frame_mask)``.
 
         Raises:
             ValueError: ``labels`` is not ``(B, S)`` like ``input_ids``.
@@ -332,7 +409,8 @@ class VLMWrapper(nn.Module):
         if isinstance(pixel_values, MediaBatch):
             context = self.strategy.prepare_media(self, pixel_values)
         else:
-            context = self.strategy.prepare(self, pixel_values, input_ids, frame_mask)
+            pixels = cast(Tensor, pixel_values)  # or VisionFeatures: see forward()
+            context = self.strategy.prepare(self, pixels, input_ids, frame_mask)
         targets = shift_labels(labels).flatten()
 
         def head(hidden: Tensor) -> Tensor:
@@ -355,7 +433,7 @@ class VLMWrapper(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        pixel_values: Tensor | MediaBatch,
+        pixel_values: Tensor | MediaBatch | VisionFeatures,
         prompt_ids: Tensor | None = None,
         *,
         frame_mask: Tensor | None = None,
@@ -382,7 +460,8 @@ class VLMWrapper(nn.Module):
         rejected: generate one prompt per row.
 
         Args:
-            pixel_values: ``(B,3,H,W)`` images or ``(B,F,3,H,W)`` clips, or a
+            pixel_values: ``(B,3,H,W)`` images or ``(B,F,3,H,W)`` clips, their
+                precomputed encoder output (:class:`VisionFeatures`), or a
                 :class:`MediaBatch`.
             prompt_ids: ``(B,S)`` long prompts (left-padded with ``attention_mask``);
                 prefix layout only.
@@ -435,19 +514,20 @@ class VLMWrapper(nn.Module):
             raise TypeError("VLMWrapper.generate(pixel_values, prompt_ids) needs prompt_ids")
         was_training = self.training
         self.eval()
-        self._image_memo = _ImageMemo(pixel_values, frame_mask)
+        pixels = cast(Tensor, pixel_values)  # or VisionFeatures: see forward()
+        self._image_memo = _ImageMemo(pixels, frame_mask)
         try:
-            context = strategy.prepare(self, pixel_values, prompt_ids, frame_mask)
+            context = strategy.prepare(self, pixels, prompt_ids, frame_mask)
 
             def cached_step(
                 _step: int, new: Tensor, cache: KVCache | None
             ) -> ModalityContext | None:
                 assert cache is not None
-                embeds, valid = self.encode_images(pixel_values, frame_mask)
+                embeds, valid = self.encode_images(pixels, frame_mask)
                 return strategy.decode_context(embeds, valid, new, cache)
 
             def recompute_step(_step: int, ids: Tensor, _cache: KVCache | None) -> ModalityContext:
-                return strategy.prepare(self, pixel_values, ids, frame_mask)
+                return strategy.prepare(self, pixels, ids, frame_mask)
 
             return _generate(
                 self.transformer,
