@@ -51,6 +51,7 @@ from vlm_data.tokenizer import TextTokenizer
 from vlm_strategies import VLMWrapper, apply_freeze, freeze_specs_at
 from vlm_train.errors import ConfigError, TrainingInterrupted, VLMTrainError
 from vlm_train.evaluate import EvalResult, evaluate, format_eval
+from vlm_train.feature_cache import TrainFeatureCache, model_images
 from vlm_train.plot import plot_loss_curve, read_metrics
 from vlm_train.schedule import lr_factor
 from vlm_train.sources import build_datasets, build_tokenizer
@@ -79,6 +80,8 @@ SAFE_RESUME_FIELDS: frozenset[str] = frozenset(
         "train.keep_checkpoints",
         "train.progress",
         "train.num_threads",
+        "train.feature_cache",
+        "train.feature_cache_dir",
         "train.export",
         "train.output_dir",
         "train.resume",
@@ -419,6 +422,11 @@ class Trainer:
         self.train_set, self.test_set = datasets["train"], datasets.get("test")
         self.tokenizer = self._tokenizer(resuming=resuming)
         self.collator = ImageTextCollator(self.tokenizer, job.arch.max_text_len)
+        make_collator = getattr(self.train_set, "make_collator", None)
+        if callable(make_collator):  # conversations: chat template, images anywhere
+            if job.data.packing:
+                raise ConfigError(f"data.packing does not take the {job.data.type!r} dataset")
+            self.collator = make_collator(self.tokenizer, job)
         self.train_collator: Any = self.collator
         if job.data.packing:  # training rows pack several samples; evaluation does not
             from vlm_data import PackingCollator
@@ -449,13 +457,16 @@ class Trainer:
         self._loader_step = -1
         self._skipped = 0
         self._positions = getattr(self.model, "num_image_positions", 0) + job.arch.max_text_len
+        self._features = TrainFeatureCache(job, self.model, self.train_set, self.dist, self.say)
 
     def _make_loader(self, start_step: int) -> Any:
         cfg, data = self.job.train, self.job.data
         micro = cfg.batch_size // cfg.grad_accum_steps // self.dist.world_size
+        # a frozen encoder's features come from the feature cache when it is on
+        dataset, collator = self._features.loader_inputs(self.train_set, self.train_collator)
         return train_loader(
-            self.train_set,
-            self.train_collator,
+            dataset,
+            collator,
             self.sampler,
             num_micro=cfg.grad_accum_steps,
             micro_batch=micro,
@@ -668,7 +679,7 @@ class Trainer:
                     loss = self.model.loss(media)
                 else:
                     loss = self.model.loss(
-                        batch["pixel_values"].to(device),
+                        model_images(batch, device),  # pixels, or cached features
                         batch["input_ids"].to(device),
                         batch["labels"].to(device),
                         None if frame_mask is None else frame_mask.to(device),
@@ -803,7 +814,12 @@ class Trainer:
         split.  Leaves the model in training mode."""
         if self.test_set is None:
             return None
-        return evaluate(
+        evaluator: Callable[..., Any] = evaluate
+        if not isinstance(self.collator, ImageTextCollator):  # conversations
+            from vlm_train.inference import evaluate_conversations
+
+            evaluator = evaluate_conversations
+        return evaluator(
             self.model,
             self.test_set,
             self.collator,
