@@ -57,6 +57,23 @@ _LAZY = {
     "HFDatasetConfig": "vlm_data.configs",
     "JsonlDatasetConfig": "vlm_data.configs",
     "WebDatasetConfig": "vlm_data.configs",
+    "BuiltinChatFormat": "vlm_data.chat",
+    "ChatFormat": "vlm_data.chat",
+    "ConversationCollator": "vlm_data.chat",
+    "EncodedConversation": "vlm_data.chat",
+    "ROLES": "vlm_data.chat",
+    "TemplateChatFormat": "vlm_data.chat",
+    "check_messages": "vlm_data.chat",
+    "load_chat_format": "vlm_data.chat",
+    "ConversationDataset": "vlm_data.conversation",
+    "JsonlConversationDataset": "vlm_data.conversation",
+    "image_placeholders": "vlm_data.conversation",
+    "is_conversation_job": "vlm_data.conversation",
+    "DigitsSumDataset": "vlm_data.digits_sum",
+    "NUMBER_WORDS": "vlm_data.digits_sum",
+    "ChatDatasetConfig": "vlm_data.conversation_configs",
+    "ConversationDatasetConfig": "vlm_data.conversation_configs",
+    "DigitsSumDatasetConfig": "vlm_data.conversation_configs",
 }
 
 __all__ = ["__version__", *sorted(_LAZY)]
