@@ -386,6 +386,14 @@ def bench(session: nox.Session) -> None:
             str(out / f"bench_generate_{size}.json"),
             env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
         )
+    # packed vs padded rows: useful tokens/s of Trainer.step() (bench_packing.json)
+    session.run(
+        "python",
+        str(ROOT / "benchmarks" / "bench_packing.py"),
+        "--out",
+        str(out),
+        env={"OMP_NUM_THREADS": "1"},
+    )
 
 
 nox.options.sessions = [
