@@ -4,7 +4,7 @@ Unit tests set the variables with ``monkeypatch`` and never create a process gro
 malformed environment is rejected before one would be).  The 2-process test launches two
 processes as two one-GPU "nodes" (``LOCAL_RANK=0`` on both, ``GROUP_RANK`` 0 and 1),
 with the variables set by the parent exactly as ``torchrun`` would, and saves / loads one
-checkpoint in a folder both see.
+checkpoint in a folder both see; a save into node-local folders must fail on both.
 
 Run as a script (``python test_launcher_env.py <outdir> <ckpt_dir> <local_dir>``) this
 file is that worker; the parent sets the environment.
@@ -12,6 +12,7 @@ file is that worker; the parent sets the environment.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -302,22 +303,28 @@ def test_two_nodes_one_checkpoint_in_a_shared_folder(
 
 
 @pytest.mark.distributed
-def test_two_nodes_node_local_folders_leave_no_loadable_checkpoint(
+def test_two_nodes_node_local_folders_fail_the_save_on_every_rank(
     two_nodes: tuple[Path, list[dict[str, Any]]],
 ) -> None:
     # What docs/multinode.md warns about: the same output path on node-local disks.
-    # The save returns on both ranks, but node 0's folder lacks node 1's shard and
-    # node 1 never sees the commit (its copy stays a .tmp folder, never loaded).
+    # Node 1 cannot see the .tmp folder rank 0 created on node 0's disk, so the save
+    # fails on both ranks before any shard is written, naming the folder (each rank by
+    # its own path for it).
     tmp, results = two_nodes
     node0 = tmp / "node0_local" / "checkpoints"
     node1 = tmp / "node1_local" / "checkpoints"
-    assert (node0 / "step_000002" / "COMPLETE").is_file()
-    node0_files = {p.name for p in (node0 / "step_000002").iterdir()}
-    assert "__1_0.distcp" not in node0_files and "rank_00001.pt" not in node0_files
-    assert not (node1 / "step_000002").exists()
-    assert (node1 / "step_000002.tmp" / "__1_0.distcp").is_file()
-    assert results[1]["local_latest"] is None
-    assert results[0]["local_latest"] == str(node0 / "step_000002")
+    for node, result in enumerate(results):
+        local = tmp / f"node{node}_local" / "checkpoints"
+        error = result["local_error"]
+        assert error is not None and error["type"] == "OSError"
+        assert error["errno"] == errno.ENOENT
+        message = error["message"]
+        assert f"saving checkpoint {local / 'step_000002'} failed" in message
+        assert f"rank 1 cannot see the folder {local / 'step_000002.tmp'}" in message
+        assert "must be on a filesystem shared by all nodes" in error["message"]
+        assert result["local_latest"] is None
+    assert list(node0.iterdir()) == []  # rank 0 removed its .tmp folder
+    assert not node1.exists()  # nothing written on node 1's disk
 
 
 @pytest.mark.distributed
@@ -385,7 +392,15 @@ def _worker(outdir: Path, shared: Path, local: Path, parallel: dict[str, Any]) -
 
     # Node-local disks: each process is given a folder only it sees.
     local_manager = CheckpointManager(local, keep_last=2)
-    local_manager.save(2, model, optimizer)
+    result["local_error"] = None
+    try:
+        local_manager.save(2, model, optimizer)
+    except OSError as exc:
+        result["local_error"] = {
+            "type": type(exc).__name__,
+            "errno": exc.errno,
+            "message": str(exc),
+        }
     barrier()
     latest = local_manager.latest()
     result["local_latest"] = None if latest is None else str(latest)

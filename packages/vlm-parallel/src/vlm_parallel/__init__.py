@@ -7,16 +7,7 @@ launched by ``torchrun``; user code never branches on the world size.
 from vlm_parallel.__about__ import __version__
 from vlm_parallel.activation import ACMode, apply_activation_checkpointing
 from vlm_parallel.build import build_parallel_vlm, encoder_ever_trainable, materialize
-from vlm_parallel.checkpoint import (
-    COMPLETE_MARKER,
-    CheckpointError,
-    CheckpointManager,
-    CheckpointMismatchError,
-    capture_rng_state,
-    export_consolidated,
-    load_consolidated,
-    restore_rng_state,
-)
+from vlm_parallel.checkpoint import COMPLETE_MARKER, CheckpointManager
 from vlm_parallel.compile import apply_compile, is_compiled
 from vlm_parallel.dist import (
     DistContext,
@@ -30,7 +21,10 @@ from vlm_parallel.dist import (
     is_distributed,
     resolve_mesh_shape,
 )
+from vlm_parallel.errors import CheckpointError, CheckpointMismatchError
+from vlm_parallel.export import export_consolidated, load_consolidated
 from vlm_parallel.fsdp import apply_fsdp, is_sharded, torch_dtype
+from vlm_parallel.rng_state import capture_rng_state, restore_rng_state
 
 __all__ = [
     "ACMode",

@@ -1,4 +1,4 @@
-"""Sharded, re-shardable, atomic training checkpoints (DCP) and consolidated exports.
+"""Sharded, re-shardable, atomic training checkpoints (DCP): :class:`CheckpointManager`.
 
 Layout of ``directory``::
 
@@ -15,39 +15,31 @@ A save writes into ``step_XXXXXX.tmp``; after every rank finished rank 0 writes
 checkpoints beyond ``keep_last``.  :meth:`CheckpointManager.latest` only considers
 complete ones.  A save that fails (disk full, any ``OSError``) removes its ``.tmp`` folder
 and leaves the previous checkpoint untouched; ``SIGINT`` / ``SIGTERM`` arriving during a
-save are held back until the save has finished, then delivered.
+save are held back until the save has finished, then delivered.  With several processes,
+a save first checks that every rank sees the ``.tmp`` folder rank 0 created (``directory``
+must be on a filesystem shared by all nodes) and fails on every rank, before any shard is
+written, when one does not.
 
-Loading never runs code from the checkpoint:
-
-* ``trainer_state.pt`` and ``rank_*.pt`` hold only plain Python values and tensors (the
-  NumPy and ``random`` RNG states are stored as tensors / lists of ints) and are read with
-  ``torch.load(weights_only=True)``; :meth:`CheckpointManager.save` checks that they can
-  be read that way before writing them.
-* DCP's ``.metadata`` (a pickle that ``FileSystemReader`` reads with plain
-  ``pickle.load``) is read by a reader that admits only DCP's metadata classes, ``torch``
-  dtypes / ``Size`` / layouts and ``pathlib`` paths.
-* DCP's non-tensor entries (the optimizer's ``param_groups`` values, which DCP's
-  ``DefaultLoadPlanner`` reads with ``torch.load(weights_only=False)``) must first load
-  with ``weights_only=True``.
-
-Checkpoints of format 1 (pickled NumPy / ``random`` states) are refused with a
-:class:`CheckpointError` saying so.
+This module holds the manager (listing, save / commit / prune, load / load_model /
+load_latest, signal deferral, agreement between ranks).  Loading never runs code from
+the checkpoint: the files are read by :mod:`vlm_parallel.safe_load`; RNG states are
+captured as plain values by :mod:`vlm_parallel.rng_state`.  Checkpoints of format 1
+(pickled NumPy / ``random`` states) are refused with a :class:`CheckpointError` saying
+so.  Consolidated exports are :mod:`vlm_parallel.export`; the errors are
+:mod:`vlm_parallel.errors` (all public names are importable from here too).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno as _errno
-import io
 import json
 import os
-import pickle
-import random
 import re
 import shutil
 import signal
 import threading
-import warnings
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
@@ -55,32 +47,36 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-import torch.distributed.checkpoint.metadata as dcp_metadata
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
 )
 
-from vlm_config import JobConfig, load_job_config, write_toml
-from vlm_parallel.build import materialize
-from vlm_parallel.dist import all_reduce_max, barrier, get_rank, get_world_size, is_distributed
-from vlm_strategies import VLMWrapper, build_vlm
+from vlm_parallel.dist import all_reduce_max, get_rank, get_world_size, is_distributed
+from vlm_parallel.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    _first_failure,
+    _reason,
+    _shape,
+)
+from vlm_parallel.export import export_consolidated, load_consolidated
+from vlm_parallel.rng_state import capture_rng_state, restore_rng_state
+from vlm_parallel.safe_load import (
+    _dcp_load,
+    _load_plain,
+    _read_metadata,
+    _serialize_plain,
+    _single_process_quiet,
+)
 
-try:  # numpy is optional
-    import numpy as _np
-except ImportError:  # pragma: no cover - numpy ships with most torch installs
-    _np = None  # type: ignore[assignment]
-
+# The manager's names, plus the checkpoint errors, RNG and export functions that lived
+# here before the split (still importable from this module).
 __all__ = [
     "COMPLETE_MARKER",
     "CheckpointError",
@@ -96,30 +92,8 @@ COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _FORMAT_VERSION = 2  # 1: trainer_state.pt / rank_*.pt held pickled NumPy / random states
 _TRAINER_FILE = "trainer_state.pt"
-_METADATA_FILE = ".metadata"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or export that cannot be loaded: missing or truncated files, bytes
-    that are not what they claim, a file that would need arbitrary unpickling (possibly
-    running code), or a checkpoint written by an older format.  The message is one line
-    naming the file or folder and what is wrong."""
-
-
-class CheckpointMismatchError(CheckpointError):
-    """A readable checkpoint or export that does not fit what it is loaded into (a
-    parameter missing, extra, or of another shape; optimizer or scheduler state asked
-    for but not saved).  Falling back to an older checkpoint does not help here."""
-
-
-# ------------------------------------------------------------------------ helpers
-@contextlib.contextmanager
-def _single_process_quiet() -> Iterator[None]:
-    """DCP warns on every single-process save/load; that case is intended here."""
-    with warnings.catch_warnings():
-        if not is_distributed():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+_SHARED_FILE = ".shared_check"  # rank 0's nonce in a new .tmp folder; removed at once
+_SHARED_WAIT_S = 2.0  # how long a rank looks for it (another node's new file may lag)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -135,244 +109,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _first_failure(exc: BaseException) -> BaseException:
-    """The first rank's exception inside a DCP ``CheckpointException``, else ``exc``."""
-    if isinstance(exc, CheckpointException) and exc.failures:
-        first: Any = next(iter(exc.failures.values()))
-        return _first_failure(first[0] if isinstance(first, tuple) else first)
-    return exc
-
-
-def _reason(exc: BaseException) -> str:
-    """A short one-line description of ``exc`` (the first failure of a DCP
-    ``CheckpointException``; the offending global of a refused unpickle)."""
-    if isinstance(exc, CheckpointException) and exc.failures:
-        return _reason(_first_failure(exc))
-    text = str(exc)
-    unsafe = re.search(r"unsupported (global|operand)[: ]*(?:global )?([\w.]+)", text, re.I)
-    if unsafe:
-        return f"unsupported {unsafe.group(1).lower()} {unsafe.group(2)}"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    name = type(exc).__name__
-    if not lines:
-        return name
-    first = lines[0] if len(lines[0]) <= 200 else lines[0][:197] + "..."
-    return f"{name}: {first}"
-
-
-def _is_unsafe_pickle(exc: BaseException) -> bool:
-    return "Weights only load failed" in str(exc) or "is not allowed in DCP metadata" in str(exc)
-
-
-def _serialize_plain(obj: Any, what: str) -> bytes:
-    """``torch.save`` bytes of ``obj``, checked to load back with ``weights_only=True``.
-
-    Raises:
-        ValueError: ``obj`` holds something other than plain Python values (dict, list,
-            tuple, set, str, bytes, int, float, bool, None) and tensors.
-    """
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    data = buf.getvalue()
-    try:
-        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(
-            f"{what} cannot be checkpointed safely ({_reason(exc)}): use plain Python values "
-            "(dict, list, tuple, set, str, bytes, int, float, bool, None) and tensors"
-        ) from None
-    return data
-
-
 def _write_bytes(path: Path, data: bytes) -> None:
     with open(path, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _load_plain(path: Path, what: str) -> Any:
-    """``torch.load(path, weights_only=True)`` with one-line :class:`CheckpointError`s."""
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing ({what})")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        if _is_unsafe_pickle(exc):
-            raise CheckpointError(
-                f"{path}: refused to load ({_reason(exc)}); it holds objects other than "
-                "plain values and tensors, and unpickling it could run code"
-            ) from None
-        raise CheckpointError(f"{path} is not a readable {what} file ({_reason(exc)})") from None
-
-
-# --------------------------------------------------------------------- RNG states
-def capture_rng_state() -> dict[str, Any]:
-    """This process's RNG states: torch CPU, CUDA (all devices), ``random``, numpy.
-
-    Every value is a tensor or a plain Python value, so the result saves with
-    ``torch.save`` and loads back with ``torch.load(weights_only=True)``: ``"python"``
-    is ``[version, [625 ints], gauss_next]``; ``"numpy"`` is ``{"bit_generator": str,
-    "keys": int64 tensor (624,), "pos": int, "has_gauss": int, "cached_gaussian":
-    float}``.
-    """
-    version, internal, gauss_next = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": [version, list(internal), gauss_next],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if _np is not None:
-        name, keys, pos, has_gauss, cached = _np.random.get_state(legacy=True)
-        state["numpy"] = {
-            "bit_generator": str(name),
-            "keys": torch.from_numpy(_np.asarray(keys, dtype=_np.int64).copy()),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        }
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state` (missing entries are left alone).
-
-    Raises:
-        ValueError: an entry is not in the form :func:`capture_rng_state` writes.
-    """
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if "python" in state:
-        try:
-            version, internal, gauss_next = state["python"]
-            random.setstate((int(version), tuple(int(x) for x in internal), gauss_next))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"malformed Python RNG state ({_reason(exc)})") from None
-    if "cuda" in state and torch.cuda.is_available():
-        states = state["cuda"]
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
-    if "numpy" in state and _np is not None:
-        np_state = state["numpy"]
-        try:
-            keys = np_state["keys"]
-            keys = keys.numpy() if isinstance(keys, torch.Tensor) else _np.asarray(keys)
-            _np.random.set_state(
-                (
-                    str(np_state["bit_generator"]),
-                    keys.astype(_np.uint32),
-                    int(np_state["pos"]),
-                    int(np_state["has_gauss"]),
-                    float(np_state["cached_gaussian"]),
-                )
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"malformed NumPy RNG state ({_reason(exc)})") from None
-
-
-# -------------------------------------------------------- DCP without arbitrary pickle
-_METADATA_GLOBALS = {
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("pathlib", "Path"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("pathlib", "PurePosixPath"),
-    ("pathlib", "PureWindowsPath"),
-    ("collections", "OrderedDict"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP ``.metadata`` admitting only data classes (no code execution)."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        allowed = (module, name) in _METADATA_GLOBALS
-        if module == "torch":
-            allowed = allowed or isinstance(getattr(torch, name, None), torch.dtype)
-        elif module == "torch.distributed.checkpoint.metadata":
-            allowed = isinstance(getattr(dcp_metadata, name, None), type)
-        if not allowed:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
-        return super().find_class(module, name)
-
-
-class _SafeReader(FileSystemReader):
-    """``FileSystemReader`` whose ``.metadata`` is read by :class:`_MetadataUnpickler`."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        rank = kwargs.get("rank")
-        name = _METADATA_FILE if rank is None else f"__{rank}{_METADATA_FILE}"
-        path = self.fs.concat_path(self.path, name)
-        with self.fs.create_stream(path, "rb") as stream:
-            metadata = _MetadataUnpickler(stream).load()
-        if not isinstance(metadata, Metadata):
-            raise pickle.UnpicklingError(f"holds a {type(metadata).__name__}, not DCP Metadata")
-        storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
-        storage_meta.load_id = self.load_id
-        metadata.storage_meta = storage_meta
-        return metadata
-
-
-_REFUSED_ENTRY = "refused: not plain data"
-
-
-class _SafePlanner(DefaultLoadPlanner):
-    """Non-tensor entries must load with ``weights_only=True`` before DCP reads them."""
-
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        try:
-            torch.load(value, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise pickle.UnpicklingError(
-                f"entry {read_item.dest_index.fqn} {_REFUSED_ENTRY} ({_reason(exc)})"
-            ) from None
-        value.seek(0)
-        super().load_bytes(read_item, value)
-
-
-def _read_metadata(path: Path) -> Metadata:
-    """The checkpoint's DCP metadata, checked against the ``.distcp`` files it names.
-
-    Raises:
-        CheckpointError: ``.metadata`` missing / unreadable / unsafe, or a data file
-            missing or shorter than the metadata says.
-    """
-    file = path / _METADATA_FILE
-    if not file.is_file():
-        raise CheckpointError(f"{file} is missing (DCP metadata); the checkpoint is incomplete")
-    try:
-        metadata = _SafeReader(path).read_metadata()
-    except Exception as exc:
-        if _is_unsafe_pickle(exc):
-            raise CheckpointError(
-                f"{file}: refused to load ({_reason(exc)}); unpickling it could run code"
-            ) from None
-        raise CheckpointError(f"{file} is not readable DCP metadata ({_reason(exc)})") from None
-    needed: dict[str, int] = {}
-    for info in (metadata.storage_data or {}).values():
-        rel = str(getattr(info, "relative_path", ""))
-        end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
-        if rel:
-            needed[rel] = max(needed.get(rel, 0), end)
-    for rel, end in sorted(needed.items()):
-        data = path / rel
-        if not data.is_file():
-            raise CheckpointError(f"{data} is missing (named by {_METADATA_FILE})")
-        size = data.stat().st_size
-        if size < end:
-            raise CheckpointError(
-                f"{data} is truncated ({size} bytes; {_METADATA_FILE} expects at least {end})"
-            )
-    return metadata
-
-
-def _shape(size: Any) -> tuple[int, ...]:
-    return tuple(int(s) for s in size)
 
 
 def _check_model_matches(path: Path, metadata: Metadata, model_sd: dict[str, Any]) -> None:
@@ -408,25 +149,6 @@ def _check_model_matches(path: Path, metadata: Metadata, model_sd: dict[str, Any
         raise CheckpointMismatchError(
             f"{path}: the checkpoint has parameter {unexpected[0]!r}{more} that the model does not"
         )
-
-
-def _dcp_load(path: Path, state: dict[str, Any]) -> None:
-    try:
-        with _single_process_quiet():
-            dcp.load(
-                state,
-                checkpoint_id=str(path),
-                storage_reader=_SafeReader(path),
-                planner=_SafePlanner(),
-                no_dist=not is_distributed(),
-            )
-    except (Exception, CheckpointException) as exc:
-        inner = _first_failure(exc)
-        if _is_unsafe_pickle(inner) or _REFUSED_ENTRY in str(inner):
-            raise CheckpointError(
-                f"{path}: refused to load DCP data ({_reason(exc)}); unpickling it could run code"
-            ) from None
-        raise CheckpointError(f"{path}: reading the DCP shards failed ({_reason(exc)})") from None
 
 
 def _agree(error: BaseException | None, path: Path) -> None:
@@ -486,6 +208,83 @@ def _read_trainer_state(path: Path) -> dict[str, Any]:
     return trainer
 
 
+def _agreed_nonce() -> int:
+    """Collective: one random number, the same on every rank (``os.urandom``: the RNG
+    states being checkpointed are left alone)."""
+    return all_reduce_max(int.from_bytes(os.urandom(7), "big"))
+
+
+def _sees(file: Path, nonce: int) -> bool:
+    """Whether ``file`` holds ``nonce`` here, looked for up to :data:`_SHARED_WAIT_S`."""
+    deadline = time.monotonic() + _SHARED_WAIT_S
+    while True:
+        try:
+            if file.read_bytes() == str(nonce).encode("ascii"):
+                return True
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def _read_checked(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any | None = None,
+    rank_file: Path | None = None,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Collective: check ``path`` against the model, then read its DCP entries.
+
+    Checks the marker, the trainer state, that optimizer / scheduler state was saved when
+    asked for, the per-rank file ``rank_file`` (when given), the DCP metadata and its
+    shard files, and that the model's parameters match; every rank agrees on the outcome
+    (:func:`_agree`); then DCP reads the model (and optimizer) entries into fresh state
+    dicts, agreed again.
+
+    Returns:
+        ``(trainer state, per-rank state ({} without rank_file), state dicts)``: the
+        state dicts are ``{"model"}`` (plus ``"optim"`` with an optimizer) to restore.
+    """
+    error: BaseException | None = None
+    trainer: dict[str, Any] = {}
+    per_rank: dict[str, Any] = {}
+    state: dict[str, Any] = {}
+    try:
+        _read_marker(path)
+        trainer = _read_trainer_state(path)
+        if optimizer is not None and not trainer.get("has_optimizer", True):
+            raise CheckpointMismatchError(f"{path} holds no optimizer state; pass optimizer=None")
+        if scheduler is not None and trainer.get("scheduler") is None:
+            raise CheckpointMismatchError(f"{path} holds no scheduler state")
+        if rank_file is not None:
+            loaded = _load_plain(rank_file, "per-rank state")
+            if not isinstance(loaded, dict) or not isinstance(loaded.get("rng"), dict):
+                raise CheckpointError(f"{rank_file} is not a per-rank state (no 'rng' dict)")
+            per_rank = loaded
+        metadata = _read_metadata(path)
+        state = _state_dicts(model, optimizer)
+        _check_model_matches(path, metadata, state["model"])
+    except CheckpointError as exc:
+        error = exc
+    _agree(error, path)
+
+    try:
+        _dcp_load(path, state)
+    except CheckpointError as exc:
+        error = exc
+    _agree(error, path)
+    return trainer, per_rank, state
+
+
 # ------------------------------------------------------------------ signal deferral
 _DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -520,14 +319,6 @@ def _signals_deferred() -> Iterator[None]:
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         for pending in dict.fromkeys(received):
             signal.raise_signal(pending)
-
-
-# ---------------------------------------------------------------------- manager
-def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    if optimizer is None:
-        return {"model": get_model_state_dict(model)}
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    return {"model": model_sd, "optim": optim_sd}
 
 
 class CheckpointManager:
@@ -597,7 +388,10 @@ class CheckpointManager:
                 something other than plain Python values and tensors (nothing written).
             OSError: writing failed (e.g. the disk is full) on some rank; the message
                 names the checkpoint folder, the partial ``.tmp`` folder is removed and
-                the previous checkpoint is intact.  ``errno`` is the original one.
+                the previous checkpoint is intact.  ``errno`` is the original one.  Also
+                (``errno`` ``ENOENT``, on every rank, before any shard is written) when
+                some rank cannot see the ``.tmp`` folder rank 0 created: ``directory``
+                is not on a filesystem shared by all nodes.
         """
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
@@ -605,6 +399,7 @@ class CheckpointManager:
         final = self.directory / self.step_dir_name(step)
         tmp = final.with_name(final.name + ".tmp")
         with _signals_deferred():
+            nonce = _agreed_nonce() if world > 1 else 0
             failure: BaseException | None = None
             try:
                 rank_bytes = _serialize_plain(
@@ -628,9 +423,13 @@ class CheckpointManager:
                     if tmp.exists():
                         shutil.rmtree(tmp)
                     tmp.mkdir()
+                    if world > 1:
+                        _write_bytes(tmp / _SHARED_FILE, str(nonce).encode("ascii"))
             except (Exception, CheckpointException) as exc:
                 failure = exc
             self._save_agree(failure, final, tmp)
+            if world > 1:
+                self._check_shared(final, tmp, nonce)
 
             try:
                 with _single_process_quiet():
@@ -653,6 +452,26 @@ class CheckpointManager:
                 failure = exc
             self._save_agree(failure, final, tmp)
         return final
+
+    def _check_shared(self, final: Path, tmp: Path, nonce: int) -> None:
+        """Collective: every rank must see ``tmp`` with rank 0's ``nonce`` in it, else
+        rank 0 removes ``tmp`` and every rank raises (before any shard is written)."""
+        rank = get_rank()
+        blind = all_reduce_max(0 if _sees(tmp / _SHARED_FILE, nonce) else rank + 1)
+        if rank == 0:
+            if blind:
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                (tmp / _SHARED_FILE).unlink(missing_ok=True)
+        if blind:
+            err = OSError(
+                f"saving checkpoint {final} failed: rank {blind - 1} cannot see the folder "
+                f"{tmp} that rank 0 created; the checkpoint directory (train.output_dir) "
+                "must be on a filesystem shared by all nodes, not on node-local disks; "
+                "nothing was written"
+            )
+            err.errno = _errno.ENOENT
+            raise err
 
     def _commit(self, step: int, world: int, final: Path, tmp: Path) -> None:
         """Rank 0: marker, then ``tmp -> final`` (an existing ``final`` of the same step
@@ -745,38 +564,10 @@ class CheckpointManager:
                 names the file).
         """
         path = Path(path)
-        error: BaseException | None = None
-        state: dict[str, Any] = {}
-        trainer: dict[str, Any] = {}
-        per_rank: dict[str, Any] = {}
         own = path / f"rank_{get_rank():05d}.pt"
-        try:
-            _read_marker(path)
-            trainer = _read_trainer_state(path)
-            if optimizer is not None and not trainer.get("has_optimizer", True):
-                raise CheckpointMismatchError(
-                    f"{path} holds no optimizer state; pass optimizer=None"
-                )
-            if scheduler is not None and trainer.get("scheduler") is None:
-                raise CheckpointMismatchError(f"{path} holds no scheduler state")
-            rank_file = own if own.is_file() else path / "rank_00000.pt"
-            loaded = _load_plain(rank_file, "per-rank state")
-            if not isinstance(loaded, dict) or not isinstance(loaded.get("rng"), dict):
-                raise CheckpointError(f"{rank_file} is not a per-rank state (no 'rng' dict)")
-            per_rank = loaded
-            metadata = _read_metadata(path)
-            state = _state_dicts(model, optimizer)
-            _check_model_matches(path, metadata, state["model"])
-        except CheckpointError as exc:
-            error = exc
-        _agree(error, path)
-
-        try:
-            _dcp_load(path, state)
-        except CheckpointError as exc:
-            error = exc
-        _agree(error, path)
-
+        rank_file = own if own.is_file() else path / "rank_00000.pt"
+        trainer, per_rank, state = _read_checked(path, model, optimizer, scheduler, rank_file)
+        error: BaseException | None = None
         try:
             if optimizer is None:
                 set_model_state_dict(model, state["model"])
@@ -810,23 +601,10 @@ class CheckpointManager:
                 checkpoint has an older format.
         """
         path = Path(path)
+        trainer, _per_rank, state = _read_checked(path, model, None)
         error: BaseException | None = None
-        state: dict[str, Any] = {}
-        trainer: dict[str, Any] = {}
         try:
-            _read_marker(path)
-            trainer = _read_trainer_state(path)
-            metadata = _read_metadata(path)
-            state = {"model": get_model_state_dict(model)}
-            _check_model_matches(path, metadata, state["model"])
-        except CheckpointError as exc:
-            error = exc
-        _agree(error, path)
-        try:
-            _dcp_load(path, state)
             set_model_state_dict(model, state["model"])
-        except CheckpointError as exc:
-            error = exc
         except Exception as exc:
             error = CheckpointError(f"{path}: restoring the model failed ({_reason(exc)})")
         _agree(error, path)
@@ -891,104 +669,3 @@ class CheckpointManager:
         raise CheckpointError(
             f"no checkpoint in {self.directory} can be loaded: " + "; ".join(failures)
         )
-
-
-# ------------------------------------------------------------------ consolidated
-def export_consolidated(model: nn.Module, job: JobConfig, out_dir: str | Path) -> Path:
-    """Write ``out_dir/model.safetensors`` (full, unsharded parameters and persistent
-    buffers) and ``out_dir/job.toml`` for single-process inference.
-
-    Collective: call on every rank; rank 0 writes (the safetensors file through a
-    temporary name, so a failed write never leaves a partial ``model.safetensors``).
-    Returns ``out_dir``.
-    """
-    out = Path(out_dir)
-    full = get_model_state_dict(
-        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
-    if get_rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            name: t.detach().cpu().contiguous().clone()
-            for name, t in full.items()
-            if isinstance(t, torch.Tensor)
-        }
-        tmp = out / ".model.safetensors.tmp"
-        try:
-            save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "vlm-parallel"})
-            tmp.replace(out / "model.safetensors")
-        finally:
-            tmp.unlink(missing_ok=True)
-        write_toml(job, out / "job.toml")
-    barrier()
-    return out
-
-
-def _safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes from the header of ``file`` (no data read).
-
-    Raises:
-        CheckpointError: ``file`` is not a readable safetensors file.
-    """
-    try:
-        with safe_open(str(file), framework="pt") as handle:  # type: ignore[no-untyped-call]
-            names = handle.keys()  # a safe_open handle is not iterable itself
-            return {name: _shape(handle.get_slice(name).get_shape()) for name in names}
-    except Exception as exc:
-        raise CheckpointError(
-            f"{file} is not a readable safetensors file ({_reason(exc)})"
-        ) from None
-
-
-def load_consolidated(
-    out_dir: str | Path, device: str | torch.device = "cpu"
-) -> tuple[VLMWrapper, JobConfig]:
-    """Rebuild the model of :func:`export_consolidated` (single process, no sharding,
-    eval mode, step-0 freeze state of the job).  Reads only ``job.toml`` (TOML) and
-    ``model.safetensors``; nothing is unpickled.
-
-    Raises:
-        FileNotFoundError: ``model.safetensors`` or ``job.toml`` is missing.
-        CheckpointError: ``model.safetensors`` is truncated, empty or not safetensors.
-        CheckpointMismatchError: the model ``job.toml`` describes differs from
-            ``model.safetensors`` (the message names the first differing tensor and
-            both shapes).
-    """
-    out = Path(out_dir)
-    for name in ("model.safetensors", "job.toml"):
-        if not (out / name).is_file():
-            raise FileNotFoundError(f"{out / name} not found: not a consolidated export")
-    weights, job_file = out / "model.safetensors", out / "job.toml"
-    shapes = _safetensors_shapes(weights)
-    job = load_job_config(job_file)
-    dev = torch.device(device)
-    model = build_vlm(job, init_device="meta")
-    expected = {name: _shape(t.shape) for name, t in model.state_dict().items()}
-    for name, shape in expected.items():
-        if name not in shapes:
-            raise CheckpointMismatchError(
-                f"{job_file} does not match {weights}: the model it describes has tensor "
-                f"{name!r}, which the file lacks"
-            )
-        if shapes[name] != shape:
-            raise CheckpointMismatchError(
-                f"{job_file} does not match {weights}: tensor {name!r} is {shapes[name]} "
-                f"in model.safetensors but {shape} in the model job.toml describes"
-            )
-    unexpected = sorted(set(shapes) - set(expected))
-    if unexpected:
-        raise CheckpointMismatchError(
-            f"{job_file} does not match {weights}: the file has tensor {unexpected[0]!r}, "
-            "which the model it describes lacks"
-        )
-    try:
-        tensors = load_file(str(weights), device=str(dev))
-    except Exception as exc:
-        raise CheckpointError(
-            f"{weights} is not a readable safetensors file ({_reason(exc)})"
-        ) from None
-    materialize(model, dev)
-    model.init_weights()  # computes non-persistent buffers; weights are overwritten below
-    model.load_state_dict(tensors, strict=True)
-    model.eval()
-    return model, job
