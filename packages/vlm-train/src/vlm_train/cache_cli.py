@@ -29,10 +29,10 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
     args.config = str(_job_path(args.target))
     job = load_job_config(args.config, args.overrides)
-    return _build(job)
+    return _build(job, args.shard_size)
 
 
-def _build(job: Any) -> int:
+def _build(job: Any, shard_size: int | None) -> int:
     import time
 
     import torch
@@ -70,6 +70,7 @@ def _build(job: Any) -> int:
             device=dist.device,
             batch_size=job.data.eval_batch_size,
             num_workers=job.data.num_workers,
+            shard_size=shard_size,
             log=say,
         )
         if cache.num_samples != len(train_set):
@@ -102,4 +103,10 @@ def register_cache(subparsers: Any) -> None:
     )
     p.add_argument("target", help="a job config (TOML/YAML/JSON) or a run folder (its job.toml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.augment_shift=0")
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=None,
+        help="samples per shard (default: up to 4096, at most 256 MiB of features)",
+    )
     p.set_defaults(func=_guarded(_cmd_cache))

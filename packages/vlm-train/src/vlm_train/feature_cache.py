@@ -542,9 +542,21 @@ def _compute_shard(
     return tensors, records
 
 
-def _shard_complete(folder: Path, shard: int) -> bool:
+def _shard_indices(shard: int, size: int, total: int) -> range:
+    return range(shard * size, min(total, (shard + 1) * size))
+
+
+def _shard_complete(folder: Path, shard: int, indices: range) -> bool:
+    """Both files of the shard exist and it holds exactly ``indices`` (a shard left by
+    an interrupted build with another shard size is recomputed)."""
     name = _shard_name(shard)
-    return (folder / f"{name}.safetensors").is_file() and (folder / f"{name}.json").is_file()
+    if not (folder / f"{name}.safetensors").is_file():
+        return False
+    try:
+        body = _read_json(folder / f"{name}.json")
+    except (OSError, ValueError):
+        return False
+    return bool(body.get("first") == indices.start and len(body["samples"]) == len(indices))
 
 
 def build_feature_cache(
@@ -604,9 +616,9 @@ def build_feature_cache(
     failure: Exception | None = None
     try:
         for shard in range(rank, n_shards, world_size):
-            if _shard_complete(folder, shard):
+            indices = _shard_indices(shard, size, total)
+            if _shard_complete(folder, shard, indices):
                 continue  # an interrupted build resumes: completed shards are kept
-            indices = range(shard * size, min(total, (shard + 1) * size))
             tensors, records = _compute_shard(
                 encoder,
                 dataset,
@@ -619,7 +631,9 @@ def build_feature_cache(
             )
             name = _shard_name(shard)
             body = json.dumps({"first": indices[0], "samples": records})
-            _write_atomic(folder / f"{name}.json", lambda p, t=body: p.write_text(t, encoding="utf-8"))
+            _write_atomic(
+                folder / f"{name}.json", lambda p, t=body: p.write_text(t, encoding="utf-8")
+            )
 
             def save(path: Path, tensors: dict[str, Tensor] = tensors) -> None:
                 from safetensors.torch import save_file
@@ -642,7 +656,11 @@ def build_feature_cache(
     barrier()
     missing = 0
     if rank == 0:
-        absent = [s for s in range(n_shards) if not _shard_complete(folder, s)]
+        absent = [
+            s
+            for s in range(n_shards)
+            if not _shard_complete(folder, s, _shard_indices(s, size, total))
+        ]
         missing = len(absent)
         if not absent:
             index = {
