@@ -366,7 +366,7 @@ def test_digits_sum_dataset() -> None:
     train, test = sets["train"], sets["test"]
     assert len(train) == 300 and len(test) == 60
     kinds = {train[i]["meta"]["kind"] for i in range(len(train))}
-    assert kinds == {"image", "text", "two_turn"}
+    assert kinds == {"sum", "digit", "text", "two_turn"}
     again = build_datasets(cfg, DatasetContext(preprocess=preprocess))["train"]
     for i in range(0, 300, 37):
         s = train[i]
@@ -379,9 +379,11 @@ def test_digits_sum_dataset() -> None:
         )
         assert s["messages"][-1]["role"] == "assistant"
         assert s["messages"][-1]["content"] in NUMBER_WORDS
-        if markers:  # the answer is the sum of the two pictured digits
-            a, b = (int(train.images.labels[j]) for j in train.picks[i])
-            assert s["messages"][-1]["content"] == NUMBER_WORDS[a + b]
+        labels = [int(train.images.labels[j]) for j in train.picks[i]]
+        if s["meta"]["kind"] == "digit":  # the pictured digit
+            assert s["messages"][-1]["content"] == NUMBER_WORDS[labels[0]]
+        elif markers:  # the sum of the two pictured digits
+            assert s["messages"][-1]["content"] == NUMBER_WORDS[sum(labels)]
     # held-out conversations use held-out digit images only
     assert set(test.images.indices.tolist()).isdisjoint(train.images.indices.tolist())
     # images somewhere in the middle of the text too

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from vlm_config import DatasetConfig
 
@@ -80,15 +80,18 @@ class DigitsSumDatasetConfig(ChatDatasetConfig):
     """A built-in multimodal chat task from scikit-learn's embedded digits (no download).
 
     Questions about two digit images placed anywhere in the text ("<image> and <image>:
-    what is their sum?" -> "twelve"), mixed with text-only arithmetic turns ("what is
-    three plus four?" -> "seven") and two-turn conversations.  Held-out conversations use
+    what is their sum?" -> "twelve"), mixed with one-image questions ("which digit is
+    <image> ?" -> "three"), text-only arithmetic turns ("what is three plus four?" ->
+    "seven") and two-turn conversations.  Held-out conversations use
     only held-out digit images.  Needs ``vlm-data[digits]``.
 
     Attributes:
         train_size / test_size: conversations per split (each a pure function of
             ``split_seed``, the split and its index).
         text_only_fraction: share of conversations without images.
-        multi_turn_fraction: share of image conversations preceded by a text-only turn.
+        digit_fraction: share of one-image "which digit is <image> ?" conversations.
+        multi_turn_fraction: share of two-image conversations preceded by a text-only
+            turn.
     """
 
     type: Literal["digits_sum"] = "digits_sum"
@@ -98,5 +101,16 @@ class DigitsSumDatasetConfig(ChatDatasetConfig):
     train_size: int = Field(default=20000, ge=1)
     test_size: int = Field(default=500, ge=1)
     text_only_fraction: float = Field(default=0.2, ge=0, le=1)
+    digit_fraction: float = Field(default=0.3, ge=0, le=1)
     multi_turn_fraction: float = Field(default=0.2, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DigitsSumDatasetConfig:
+        if self.text_only_fraction + self.digit_fraction > 1:
+            raise ValueError(
+                f"text_only_fraction ({self.text_only_fraction}) + digit_fraction "
+                f"({self.digit_fraction}) must be <= 1"
+            )
+        return self
+
     implementation: ClassVar[str] = "vlm_data.digits_sum:build_digits_sum"

@@ -5,6 +5,9 @@ Every conversation is a pure function of ``(split_seed, split, index)``:
 - an **image question**: two digit images anywhere in the text, e.g. ``"<image> and
   <image> : what is their sum ?"`` or ``"what is <image> plus <image> ?"`` -> the sum in
   words (``"twelve"``);
+- a **digit question** about one image: ``"which digit is <image> ?"`` -> ``"three"``
+  (``digit_fraction`` of the conversations: the direct supervision a from-scratch
+  vision tower needs to learn the digits quickly);
 - a **text-only question**: ``"what is three plus four ?"`` -> ``"seven"``
   (``text_only_fraction`` of the conversations);
 - a **two-turn** conversation: a text-only question and its answer, then an image
@@ -54,6 +57,12 @@ IMAGE_QUESTIONS = (
     "how much is {a} plus {b} ?",
     "{a} plus {b} makes how much ?",
 )
+#: one-image questions: ``{a}`` is the image marker
+DIGIT_QUESTIONS = (
+    "which digit is {a} ?",
+    "{a} : what digit is this ?",
+    "name the digit in {a} .",
+)
 #: text-only questions: ``{a}`` / ``{b}`` are digit words
 TEXT_QUESTIONS = (
     "what is {a} plus {b} ?",
@@ -65,7 +74,8 @@ TEXT_QUESTIONS = (
 class DigitsSumDataset(ConversationDataset):
     """Sum-of-two-digits conversations (see the module docstring).
 
-    Samples carry ``meta["kind"]`` (``"image"``, ``"text"`` or ``"two_turn"``) and
+    Samples carry ``meta["kind"]`` (``"sum"``: two images, ``"digit"``: one image,
+    ``"text"``: none, ``"two_turn"``: a text-only turn then a two-image question) and
     ``meta["num_images"]``.
     """
 
@@ -96,10 +106,26 @@ class DigitsSumDataset(ConversationDataset):
         n_images = len(self.images)
         marker = config.image_token
         for _ in range(size):
-            text_only = rng.random() < config.text_only_fraction
-            two_turn = not text_only and rng.random() < config.multi_turn_fraction
+            u = rng.random()
+            text_only = u < config.text_only_fraction
+            digit = not text_only and u < config.text_only_fraction + config.digit_fraction
+            two_turn = not (text_only or digit) and rng.random() < config.multi_turn_fraction
             turns: list[Message] = []
             picks: list[int] = []
+            if digit:
+                picks = [int(rng.integers(0, n_images))]
+                q = DIGIT_QUESTIONS[int(rng.integers(len(DIGIT_QUESTIONS)))]
+                turns += [
+                    {"role": "user", "content": q.format(a=marker)},
+                    {
+                        "role": "assistant",
+                        "content": DIGIT_WORDS[int(self.images.labels[picks[0]])],
+                    },
+                ]
+                self.kinds.append("digit")
+                self.turns.append(turns)
+                self.picks.append(picks)
+                continue
             if text_only or two_turn:
                 a, b = (int(x) for x in rng.integers(0, 10, size=2))
                 q = TEXT_QUESTIONS[int(rng.integers(len(TEXT_QUESTIONS)))]
@@ -115,7 +141,7 @@ class DigitsSumDataset(ConversationDataset):
                     {"role": "user", "content": q.format(a=marker, b=marker)},
                     {"role": "assistant", "content": NUMBER_WORDS[a + b]},
                 ]
-            self.kinds.append("text" if text_only else "two_turn" if two_turn else "image")
+            self.kinds.append("text" if text_only else "two_turn" if two_turn else "sum")
             self.turns.append(turns)
             self.picks.append(picks)
 

@@ -113,11 +113,29 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from vlm_train.data import load_image
-    from vlm_train.inference import caption_images, load_trained
+    from vlm_train.errors import DataError
+    from vlm_train.inference import caption_images, chat_generate, load_trained
 
     for image in args.image:  # check the inputs before loading a model
         load_image(Path(image))
     loaded = load_trained(args.checkpoint)
+    if loaded.is_chat:  # trained on conversations: chat template, images at markers
+        if args.prompt is None:
+            raise DataError(
+                "this model was trained on conversations: give the user turn with --prompt "
+                "(one <image> marker per --image, in order)"
+            )
+        reply = chat_generate(
+            loaded,
+            args.image,
+            args.prompt,
+            system=args.system,
+            max_new_tokens=args.max_new_tokens,
+        )
+        print(reply)
+        return 0
+    if args.system is not None:
+        raise DataError("--system needs a model trained on conversations")
     print(caption_images(loaded, args.image, args.prompt, args.max_new_tokens))
     return 0
 
@@ -145,14 +163,29 @@ def register_eval(subparsers: Any) -> None:
 
 
 def register_generate(subparsers: Any) -> None:
-    p = subparsers.add_parser("generate", help="caption an image (or a clip of images)")
+    p = subparsers.add_parser(
+        "generate",
+        help="caption an image (or a clip), or answer a chat turn with images anywhere",
+        description=(
+            "Prefix-trained models caption one image (or the frames of a clip). Models "
+            "trained on conversations (data.type = conversation / digits_sum) answer the "
+            "user turn --prompt, whose <image> markers stand for the --image files in "
+            "order, through the chat template, e.g. --image a.png --image b.png "
+            "--prompt '<image> and <image> : what is their sum ?'"
+        ),
+    )
     p.add_argument("checkpoint", help="run folder, checkpoint folder or export folder")
     p.add_argument(
         "--image",
         action="append",
-        required=True,
-        help="PNG/JPEG file; repeat for the frames of a clip",
+        default=[],
+        help="PNG/JPEG file; repeat for the frames of a clip, or for each <image> marker",
     )
-    p.add_argument("--prompt", default=None, help="text before the caption (default: the job's)")
+    p.add_argument(
+        "--prompt",
+        default=None,
+        help="text before the caption (default: the job's), or the user turn of a chat model",
+    )
+    p.add_argument("--system", default=None, help="a system turn (chat models only)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.set_defaults(func=_cmd_generate)
