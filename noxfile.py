@@ -374,6 +374,14 @@ def bench(session: nox.Session) -> None:
         str(out / "data_cache"),
         env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
     )
+    # a frozen SigLIP tower: Trainer.step() live vs from the feature cache
+    session.run(
+        "python",
+        str(ROOT / "benchmarks" / "bench_feature_cache.py"),
+        "--out",
+        str(out / "bench_feature_cache.json"),
+        env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+    )
     # batched greedy generation vs Llava's generate and our previous per-token path
     for size in ("small", "medium"):
         session.run(

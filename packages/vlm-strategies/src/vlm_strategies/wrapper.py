@@ -608,11 +608,11 @@ class _ImageMemo:
     """``encode_images``' result for one ``(pixel_values, frame_mask)`` pair (by
     identity), kept for the duration of one :meth:`VLMWrapper.generate`."""
 
-    def __init__(self, pixel_values: Tensor, frame_mask: Tensor | None) -> None:
+    def __init__(self, pixel_values: Tensor | VisionFeatures, frame_mask: Tensor | None) -> None:
         self.pixel_values = pixel_values
         self.frame_mask = frame_mask
         self.value: tuple[Tensor, Tensor | None] | None = None
         self.media: tuple[Tensor, Tensor | None, Tensor | None] | None = None
 
-    def matches(self, pixel_values: Tensor, frame_mask: Tensor | None) -> bool:
+    def matches(self, pixel_values: Tensor | VisionFeatures, frame_mask: Tensor | None) -> bool:
         return pixel_values is self.pixel_values and frame_mask is self.frame_mask

@@ -88,6 +88,13 @@ def _build(job: Any, shard_size: int | None) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def register_cache(subparsers: Any) -> None:
     """Add ``vlm cache`` to the ``vlm`` CLI (imports no torch)."""
     from vlm_train.commands import _guarded
@@ -105,7 +112,7 @@ def register_cache(subparsers: Any) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.augment_shift=0")
     p.add_argument(
         "--shard-size",
-        type=int,
+        type=_positive,
         default=None,
         help="samples per shard (default: up to 4096, at most 256 MiB of features)",
     )

@@ -282,7 +282,7 @@ def _shard_name(shard: int) -> str:
     return f"shard-{shard:05d}"
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write(tmp)
     tmp.replace(path)
@@ -559,6 +559,27 @@ def _shard_complete(folder: Path, shard: int, indices: range) -> bool:
     return bool(body.get("first") == indices.start and len(body["samples"]) == len(indices))
 
 
+def _write_shard(
+    folder: Path,
+    shard: int,
+    indices: range,
+    tensors: dict[str, Tensor],
+    records: list[dict[str, Any]],
+    key: str,
+) -> None:
+    """The shard's JSON, then its safetensors (both atomically): a shard whose
+    safetensors file exists is complete."""
+    from safetensors.torch import save_file
+
+    name = _shard_name(shard)
+    body = json.dumps({"first": indices.start, "samples": records})
+    _write_atomic(folder / f"{name}.json", lambda path: path.write_text(body, encoding="utf-8"))
+    _write_atomic(
+        folder / f"{name}.safetensors",
+        lambda path: save_file(tensors, str(path), metadata={"key": key}),
+    )
+
+
 def build_feature_cache(
     job: JobConfig,
     encoder: nn.Module,
@@ -596,6 +617,8 @@ def build_feature_cache(
     if all_reduce_max(0 if existing is not None else 1) == 0:
         assert existing is not None
         return existing
+    if shard_size is not None and shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     frames = job.arch.frames_per_clip
     size = shard_size or _shard_size(encoder, frames)
     total = len(dataset)
@@ -629,18 +652,7 @@ def build_feature_cache(
                 batch_size=batch_size,
                 num_workers=num_workers,
             )
-            name = _shard_name(shard)
-            body = json.dumps({"first": indices[0], "samples": records})
-            _write_atomic(
-                folder / f"{name}.json", lambda p, t=body: p.write_text(t, encoding="utf-8")
-            )
-
-            def save(path: Path, tensors: dict[str, Tensor] = tensors) -> None:
-                from safetensors.torch import save_file
-
-                save_file(tensors, str(path), metadata={"key": key})
-
-            _write_atomic(folder / f"{name}.safetensors", save)  # last: the shard is complete
+            _write_shard(folder, shard, indices, tensors, records, key)
     except FeatureCacheUnsupported as exc:
         status, message = 1, str(exc)
     except Exception as exc:  # agree on the failure first: no rank waits in a barrier
@@ -724,8 +736,8 @@ class TrainFeatureCache:
 
     @property
     def encoder(self) -> nn.Module:
-        encoder: nn.Module = getattr(self.model, "_orig_mod", self.model).vision_encoder
-        return encoder
+        model: Any = getattr(self.model, "_orig_mod", self.model)
+        return cast(nn.Module, model.vision_encoder)
 
     def loader_inputs(
         self, dataset: Any, collator: ImageTextCollator
