@@ -5,11 +5,10 @@ from __future__ import annotations
 import warnings
 
 import pytest
+from config_helpers import base_job
 from pydantic import ValidationError
 
 from vlm_config import ConfigDeprecationWarning, DatasetConfig, JobConfig, dump_toml
-
-from .conftest import base_job
 
 
 def test_data_defaults_to_digits_and_common_fields(registered: object) -> None:

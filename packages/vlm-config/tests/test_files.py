@@ -4,11 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
+from config_helpers import base_job
 from pydantic import ValidationError
 
 from vlm_config import ConfigFileError, apply_overrides, dump_toml, load_job_config
-
-from .conftest import base_job
 
 
 def write(path: Path, text: str) -> Path:

@@ -7,13 +7,12 @@ import string
 from pathlib import Path
 from typing import Any
 
+from config_helpers import TEST_CLASSES, base_job
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from vlm_config import ConfigFileError, load_job_config
-
-from .conftest import TEST_CLASSES, base_job
 
 KEYS = st.sampled_from(
     [

@@ -6,12 +6,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from config_helpers import StrideAdapterConfig
 
 import vlm_config
 from vlm_config import AdapterConfig, PluginError, PluginRegistry
 from vlm_config.registry import core_requirement
-
-from .conftest import StrideAdapterConfig
 
 
 def make_dist(

@@ -11,10 +11,9 @@ from typing import Any
 import pytest
 import torch
 from pydantic import ValidationError
+from strategies_helpers import tiny_job
 
 from vlm_strategies import build_vlm
-
-from .helpers import tiny_job
 
 ROOT = Path(__file__).resolve().parents[3]
 

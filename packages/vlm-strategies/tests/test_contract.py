@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Literal
 
 import pytest
 import torch
+from strategies_helpers import tiny_job
 from torch import Tensor
 
 from vlm_config import ArchConfig, get_registry
@@ -22,8 +23,6 @@ from vlm_strategies.archs.cross_attention.impl import CrossAttentionTrunk
 from vlm_strategies.archs.joint_decoder.impl import JointDecoder
 from vlm_strategies.archs.moma.impl import MoMa
 from vlm_transformer import KVCache, ModalityContext
-
-from .helpers import tiny_job
 
 
 def inputs(b: int = 2, s: int = 4, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -129,7 +128,7 @@ def build_side(impl: str) -> VLMWrapper:
 def test_a_side_input_arch_without_decode_context_fails_at_build() -> None:
     with pytest.raises(
         TypeError,
-        match=r"tests\.test_contract\.ForgetfulSide must implement decode_context\(\).*"
+        match=r"test_contract\.ForgetfulSide must implement decode_context\(\).*"
         r"PrefixArchImplementation",
     ):
         build_side("ForgetfulSide")

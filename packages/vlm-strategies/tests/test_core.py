@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 
 import pytest
 import torch
+from strategies_helpers import SIGLIP_ENCODER, tiny_job
 from torch import Tensor
 
 from vlm_config import ArchConfig, get_registry
@@ -23,8 +24,6 @@ from vlm_strategies import (
     unwrap_transformer,
 )
 from vlm_transformer import ModalityContext, Transformer
-
-from .helpers import SIGLIP_ENCODER, tiny_job
 
 JOINT = {"arch": "joint_decoder"}
 

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 from pydantic import ValidationError
+from strategies_helpers import tiny_job
 from torch import Tensor
 
 from vlm_config import JobConfig
@@ -17,8 +18,6 @@ from vlm_strategies.archs.cross_attention.impl import (
     ImageCrossAttention,
 )
 from vlm_transformer import DecoderBlock, Transformer
-
-from .helpers import tiny_job
 
 VOCAB = 64
 

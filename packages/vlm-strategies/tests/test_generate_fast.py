@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from strategies_helpers import BUILTIN_ARCHS
 
 from vlm_strategies.testing import (
     INTERLEAVED_PROMPTS,
@@ -16,8 +17,6 @@ from vlm_strategies.testing import (
     _media_sample,
 )
 from vlm_transformer import KVCache, StaticKVCache
-
-from .helpers import BUILTIN_ARCHS
 
 IDS = [a["arch"] for a in BUILTIN_ARCHS]
 

@@ -5,10 +5,9 @@ from typing import Any
 
 import pytest
 import torch
+from strategies_helpers import BUILTIN_ARCHS, tiny_job
 
 from vlm_strategies import build_vlm, causal_lm_loss
-
-from .helpers import BUILTIN_ARCHS, tiny_job
 
 
 @pytest.mark.parametrize("arch", BUILTIN_ARCHS, ids=lambda a: a["arch"])

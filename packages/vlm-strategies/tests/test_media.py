@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from strategies_helpers import tiny_job
 
 from vlm_strategies import MediaBatch, build_vlm
 from vlm_strategies.archs.moma.experts import MoMaExperts
 from vlm_strategies.archs.moma.reference import loop_expert_forward
 from vlm_strategies.testing import TinyVLM
-
-from .helpers import tiny_job
 
 PH = 63  # placeholder id (last vocabulary id of the tiny models)
 

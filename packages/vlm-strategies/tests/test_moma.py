@@ -7,6 +7,7 @@ import math
 import pydantic
 import pytest
 import torch
+from strategies_helpers import tiny_job
 from torch import Tensor
 
 from vlm_config import JobConfig, get_registry
@@ -17,8 +18,6 @@ from vlm_strategies.archs.moma.reference import loop_expert_forward
 from vlm_strategies.archs.moma.trunk import MoMaTrunk
 from vlm_strategies.wrapper import VLMWrapper
 from vlm_transformer import KVCache
-
-from .helpers import tiny_job
 
 
 def moma_job(**arch: object) -> JobConfig:

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from strategies_helpers import tiny_job
 from torch import Tensor
 
 from vlm_config import JobConfig, ModelConfig
@@ -14,8 +15,6 @@ from vlm_strategies import VLMWrapper, build_vlm, trainable_parameter_names
 from vlm_strategies.archs.mot.impl import MoTBlock, MoTTrunk
 from vlm_strategies.archs.mot.warm_start import dense_name_for, warm_start_from_dense
 from vlm_transformer import DecoderBlock, ModalityContext, Transformer, apply_rotary
-
-from .helpers import tiny_job
 
 VOCAB = 64
 

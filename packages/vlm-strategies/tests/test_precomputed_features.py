@@ -8,10 +8,9 @@ from typing import Any
 
 import pytest
 import torch
+from strategies_helpers import BUILTIN_ARCHS, SIGLIP_ENCODER, tiny_job
 
 from vlm_strategies import VisionFeatures, apply_freeze, build_vlm
-
-from .helpers import BUILTIN_ARCHS, SIGLIP_ENCODER, tiny_job
 
 FROZEN = [{"module": "vision_encoder"}]
 

@@ -4,7 +4,7 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_model
+from tf_helpers import tiny_model
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from tf_helpers import tiny_model
 
 from vlm_transformer import KVCache, ModalityContext, Transformer, generate, sample_next_token
 

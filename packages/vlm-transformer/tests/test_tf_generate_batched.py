@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_model
+from tf_helpers import tiny_model
 from torch._dynamo.testing import CompileCounter
 
 from vlm_transformer import (

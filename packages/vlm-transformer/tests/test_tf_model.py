@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
+from tf_helpers import tiny_config, tiny_model
 from torch import Tensor, nn
 
 from vlm_transformer import (

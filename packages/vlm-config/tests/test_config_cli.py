@@ -7,11 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_files import TOML
 
 import vlm_config
 from vlm_config.cli import main
-
-from .test_files import TOML
 
 
 def test_validate_prints_resolved_config(
@@ -61,9 +60,9 @@ def test_plugins_table_runs(registered: object, capsys: pytest.CaptureFixture[st
 def test_plugins_table_marks_incompatible(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from vlm_config import get_registry
+    from test_registry import make_dist
 
-    from .test_registry import make_dist
+    from vlm_config import get_registry
 
     for dist, spec in (("cli-future", "vlm-config<0.3,>=0.2"), ("cli-now", "vlm-config>=0.1")):
         module = dist.replace("-", "_") + "_mod"
@@ -105,7 +104,7 @@ import sys
 import vlm_config
 from vlm_config import get_registry, load_job_config
 sys.path.insert(0, {tests!r})
-from conftest import TEST_CLASSES, base_job
+from config_helpers import TEST_CLASSES, base_job
 reg = get_registry()
 for entry in reg.entries():
     reg._ensure_loaded(entry)

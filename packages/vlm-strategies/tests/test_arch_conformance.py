@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Literal
 
 import pytest
 import torch
+from strategies_helpers import BUILTIN_ARCHS as BUILTIN
 from torch import Tensor
 
 from vlm_config import ArchConfig, get_registry
@@ -30,8 +31,6 @@ from vlm_strategies.testing import (
     run_conformance,
 )
 from vlm_transformer import DenseTrunk, KVCache, ModalityContext, TrunkInputs
-
-from .helpers import BUILTIN_ARCHS as BUILTIN
 
 
 def test_builtin_list_is_every_arch_this_distribution_ships() -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 from vlm_config import JobConfig
 
-# every arch this distribution ships (test_conformance checks the list is complete)
+# every arch this distribution ships (test_arch_conformance checks the list is complete)
 BUILTIN_ARCHS: list[dict[str, Any]] = [
     {"arch": "joint_decoder"},
     {"arch": "cross_attention"},

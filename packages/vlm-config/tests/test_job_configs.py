@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+from config_helpers import base_job
 from pydantic import Field, ValidationError
 
 from vlm_config import (
@@ -18,8 +19,6 @@ from vlm_config import (
     PluginRegistry,
     TrainConfig,
 )
-
-from .conftest import base_job
 
 
 def errors(exc: ValidationError) -> list[tuple[str, str]]:
