@@ -384,6 +384,15 @@ def test_digits_sum_dataset() -> None:
             assert s["messages"][-1]["content"] == NUMBER_WORDS[labels[0]]
         elif markers:  # the sum of the two pictured digits
             assert s["messages"][-1]["content"] == NUMBER_WORDS[sum(labels)]
+    # show_work: the pictured digits, then the sum
+    worked = build_datasets(
+        DigitsSumDatasetConfig(train_size=40, test_size=4, show_work=True),
+        DatasetContext(preprocess=preprocess, splits=("train",)),
+    )["train"]
+    i = next(i for i in range(40) if worked.kinds[i] == "sum")
+    a, b = (int(worked.images.labels[j]) for j in worked.picks[i])
+    expected = f"{NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} is {NUMBER_WORDS[a + b]}"
+    assert worked[i]["messages"][-1]["content"] == expected
     # held-out conversations use held-out digit images only
     assert set(test.images.indices.tolist()).isdisjoint(train.images.indices.tolist())
     # images somewhere in the middle of the text too

@@ -256,3 +256,11 @@ def test_conversation_jsonl_with_a_chat_template_trains_and_evaluates(tmp_path: 
     result = train(job, log=lambda _m: None)
     assert result.eval is not None and result.eval.total == len(rows)
     assert result.eval.loss is not None and np.isfinite(result.eval.loss)
+
+
+def test_eval_cli_on_a_chat_run(chat_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    saved = json.loads((chat_run / "eval.json").read_text())
+    code, out, err = run_cli(capsys, "eval", str(chat_run))
+    assert code == 0, err
+    # the same generated replies as the Trainer's final evaluation
+    assert f"({saved['correct']}/{saved['total']})" in out

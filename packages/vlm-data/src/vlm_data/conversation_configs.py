@@ -92,6 +92,8 @@ class DigitsSumDatasetConfig(ChatDatasetConfig):
         digit_fraction: share of one-image "which digit is <image> ?" conversations.
         multi_turn_fraction: share of two-image conversations preceded by a text-only
             turn.
+        show_work: a two-image reply names the pictured digits before the sum
+            ("five plus seven is twelve") instead of the sum alone ("twelve").
     """
 
     type: Literal["digits_sum"] = "digits_sum"
@@ -103,6 +105,7 @@ class DigitsSumDatasetConfig(ChatDatasetConfig):
     text_only_fraction: float = Field(default=0.2, ge=0, le=1)
     digit_fraction: float = Field(default=0.3, ge=0, le=1)
     multi_turn_fraction: float = Field(default=0.2, ge=0, le=1)
+    show_work: bool = False
 
     @model_validator(mode="after")
     def _fractions(self) -> DigitsSumDatasetConfig:

@@ -4,7 +4,9 @@ Every conversation is a pure function of ``(split_seed, split, index)``:
 
 - an **image question**: two digit images anywhere in the text, e.g. ``"<image> and
   <image> : what is their sum ?"`` or ``"what is <image> plus <image> ?"`` -> the sum in
-  words (``"twelve"``);
+  words (``"twelve"``), or with ``show_work`` the pictured digits then the sum
+  (``"five plus seven is twelve"``: each image gets its own supervised word, which a
+  from-scratch vision tower learns from many times faster than from the sum alone);
 - a **digit question** about one image: ``"which digit is <image> ?"`` -> ``"three"``
   (``digit_fraction`` of the conversations: the direct supervision a from-scratch
   vision tower needs to learn the digits quickly);
@@ -137,9 +139,12 @@ class DigitsSumDataset(ConversationDataset):
                 picks = [int(x) for x in rng.integers(0, n_images, size=2)]
                 a, b = (int(self.images.labels[j]) for j in picks)
                 q = IMAGE_QUESTIONS[int(rng.integers(len(IMAGE_QUESTIONS)))]
+                reply = NUMBER_WORDS[a + b]
+                if config.show_work:
+                    reply = f"{DIGIT_WORDS[a]} plus {DIGIT_WORDS[b]} is {reply}"
                 turns += [
                     {"role": "user", "content": q.format(a=marker, b=marker)},
-                    {"role": "assistant", "content": NUMBER_WORDS[a + b]},
+                    {"role": "assistant", "content": reply},
                 ]
             self.kinds.append("text" if text_only else "two_turn" if two_turn else "sum")
             self.turns.append(turns)

@@ -94,10 +94,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     sets = build_datasets(job, loaded.model.vision_encoder.preprocess, splits=(args.split,))
     if args.split not in sets:
         return _error(f"the job's data has no {args.split!r} split")
-    result = evaluate(
+    evaluator: Callable[..., Any] = evaluate
+    if loaded.is_chat:  # conversations: the generated last reply of each
+        from vlm_train.inference import evaluate_conversations
+
+        evaluator = evaluate_conversations
+    dataset = sets[args.split]
+    make_collator = getattr(dataset, "make_collator", None)
+    collator = make_collator(loaded.tokenizer, job) if callable(make_collator) else loaded.collator
+    result = evaluator(
         loaded.model,
-        sets[args.split],
-        loaded.collator,
+        dataset,
+        collator,
         batch_size=args.batch_size or job.data.eval_batch_size,
         max_samples=args.max_samples or job.data.max_eval_samples,
         device=loaded.device,
