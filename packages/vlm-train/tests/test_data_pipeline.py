@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_job
+from train_helpers import tiny_job
 
 from vlm_data import DIGIT_WORDS, DataError, digit_images
 from vlm_train import Trainer

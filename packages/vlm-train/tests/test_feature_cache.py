@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_dict, tiny_job
+from train_helpers import tiny_dict, tiny_job
 
 FROZEN = {"freeze": [{"module": "vision_encoder"}]}
 
@@ -244,7 +244,7 @@ def test_vlm_cache_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_processes_build_their_shares_and_train_like_one_live(tmp_path: Path) -> None:
-    from test_distributed import _free_port, _losses
+    from test_train_distributed import _free_port, _losses
 
     from vlm_config import JobConfig, write_toml
 

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_job
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
+from train_helpers import tiny_job
 
 from vlm_config import JobConfig
 from vlm_config.cli import main

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_job
+from train_helpers import tiny_job
 
 from vlm_config import load_job_config, write_toml
 from vlm_config.cli import main

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_job
+from train_helpers import tiny_job
 
 from vlm_config import JobConfig
 from vlm_data import IGNORE_INDEX, ImageTextCollator, PackingCollator, Sample, TextTokenizer

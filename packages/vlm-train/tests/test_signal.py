@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_dict
+from train_helpers import tiny_dict
 
 
 @pytest.mark.slow

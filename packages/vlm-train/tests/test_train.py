@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import torch
-from conftest import tiny_job
+from train_helpers import tiny_job
 
 from vlm_train import lr_factor, train
 

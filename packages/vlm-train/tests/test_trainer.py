@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import tiny_job
+from train_helpers import tiny_job
 
 from vlm_train import (
     SAFE_RESUME_FIELDS,

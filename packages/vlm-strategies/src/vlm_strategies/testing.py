@@ -316,7 +316,7 @@ def _garbage_in_padded_tokens(model: VLMWrapper) -> Iterator[None]:
         noise = torch.randn(embeds.shape, generator=torch.Generator().manual_seed(3)) * 2
         return torch.where(valid[..., None], embeds, noise.to(embeds.dtype)), valid
 
-    model.encode_images = garbage  # type: ignore[method-assign]
+    model.encode_images = garbage  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pytest
-from conftest import tiny_dict, tiny_job
+from train_helpers import tiny_dict, tiny_job
 
 from vlm_config import AdapterConfig, get_registry
 from vlm_config.cli import main

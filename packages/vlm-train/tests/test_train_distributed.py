@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_dict, tiny_job
+from train_helpers import tiny_dict, tiny_job
 
 
 def _free_port() -> int:
