@@ -47,7 +47,7 @@ from vlm_data import (
     raise_batch_error,
     train_loader,
 )
-from vlm_data.tokenizer import TextTokenizer
+from vlm_data.tokenizer import TextTokenizer, pretrained_tokenizer
 from vlm_strategies import VLMWrapper, apply_freeze, freeze_specs_at
 from vlm_train.errors import ConfigError, TrainingInterrupted, VLMTrainError
 from vlm_train.evaluate import EvalResult, evaluate, format_eval
@@ -504,21 +504,31 @@ class Trainer:
     def _tokenizer(self, *, resuming: bool) -> TextTokenizer:
         """The main rank reuses the run's ``tokenizer.json`` when resuming, else builds
         one and saves it (the only write before a checkpoint loads, and only for a fresh
-        run); the other ranks then load the saved file."""
+        run); the other ranks then load the saved file.  With ``model.pretrained`` and no
+        ``data.tokenizer`` every rank reads the folder's own tokenizer instead (like
+        ``data.tokenizer``: its ``tokenizer_config.json`` names the special tokens)."""
         from vlm_parallel import barrier
 
+        job = self.job
+        folder = job.model.pretrained if job.data.tokenizer is None else None
         tok_path = self.run_dir / "tokenizer.json"
         tokenizer: TextTokenizer | None = None
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             reuse = resuming and tok_path.is_file()
             saved = tok_path if reuse else None
-            tokenizer = build_tokenizer(self.job, self.train_set, saved=saved)
+            if folder is not None:
+                tokenizer = pretrained_tokenizer(folder, job.model.vocab_size)
+            else:
+                tokenizer = build_tokenizer(job, self.train_set, saved=saved)
             if not reuse:
                 tokenizer.save(tok_path)
         barrier()
         if tokenizer is None:
-            tokenizer = build_tokenizer(self.job, None, saved=tok_path)
+            if folder is not None:
+                tokenizer = pretrained_tokenizer(folder, job.model.vocab_size)
+            else:
+                tokenizer = build_tokenizer(job, None, saved=tok_path)
         return tokenizer
 
     def _restore(self, resume_point: Path | None) -> None:
