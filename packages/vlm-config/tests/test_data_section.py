@@ -56,3 +56,26 @@ def test_schema_documents_datasets(registered: object) -> None:
     schema = JobConfig.model_json_schema()
     text = str(schema)
     assert "ManifestDataConfig" in text and "on_bad_sample" in text
+
+
+@pytest.mark.usefixtures("registered")
+def test_job_without_data_and_without_a_digits_plugin_gets_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A model-only install (no vlm-data) validates jobs that omit ``[data]``; the
+    ``none`` dataset (vlm-config's own entry point) refuses to build, naming the fix."""
+    from vlm_config import NoDatasetConfig, get_registry
+    from vlm_config.data import build_no_dataset
+
+    registry = get_registry()
+    names = registry.names
+    monkeypatch.setattr(
+        registry,
+        "names",
+        lambda group: [n for n in names(group) if not (group == "vlm.datasets" and n == "digits")],
+    )
+    job = JobConfig.model_validate(base_job())
+    assert isinstance(job.data, NoDatasetConfig)
+    assert job.data.type == "none"
+    with pytest.raises(ValueError, match=r"install vlm-data"):
+        build_no_dataset(job.data)

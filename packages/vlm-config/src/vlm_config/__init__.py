@@ -12,7 +12,7 @@ from vlm_config.components import (
     StrictModel,
     matches_any,
 )
-from vlm_config.data import ConfigDeprecationWarning, DataConfig, DatasetConfig
+from vlm_config.data import ConfigDeprecationWarning, DataConfig, DatasetConfig, NoDatasetConfig
 from vlm_config.files import (
     ConfigFileError,
     apply_overrides,
@@ -41,6 +41,7 @@ __all__ = [
     "ConfigDeprecationWarning",
     "DataConfig",
     "DatasetConfig",
+    "NoDatasetConfig",
     "JobConfig",
     "PluginEntry",
     "PluginError",

@@ -16,7 +16,7 @@ still load: :func:`migrate_legacy_data` rewrites them and warns with
 from __future__ import annotations
 
 import warnings
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -26,6 +26,7 @@ __all__ = [
     "ConfigDeprecationWarning",
     "DataConfig",
     "DatasetConfig",
+    "NoDatasetConfig",
     "migrate_legacy_data",
 ]
 
@@ -92,6 +93,33 @@ class DatasetConfig(ComponentConfig):
 
 #: The name ``vlm_config.DataConfig`` of vlm-config 0.1, kept for imports: the base class.
 DataConfig = DatasetConfig
+
+
+class NoDatasetConfig(DatasetConfig):
+    """``type = "none"``: a job that names no dataset (registered by vlm-config itself).
+
+    A job without a ``[data]`` section takes the ``digits`` dataset when a distribution
+    provides it (vlm-data), else this one, so that building, sharding or exporting a
+    model from a config never needs a data package.  Training or evaluating with it
+    raises an error naming the fix.
+    """
+
+    type: Literal["none"] = "none"
+    implementation: ClassVar[str] = "vlm_config.data:build_no_dataset"
+
+
+def build_no_dataset(*_args: Any, **_kwargs: Any) -> Any:
+    """The builder of :class:`NoDatasetConfig`: always raises.
+
+    Raises:
+        ValueError: always; the job has no ``[data]`` section and no default dataset
+            plugin is installed.
+    """
+    raise ValueError(
+        "this job names no dataset ([data] type = 'none'): install vlm-data "
+        "(pip install 'vlm-data[digits]') and set [data] type, e.g. 'digits' or 'jsonl'"
+    )
+
 
 _LEGACY_TYPES = {"digits": "digits", "digits_video": "digits_video", "files": "jsonl", "hf": "hf"}
 _LEGACY_RENAMES = {

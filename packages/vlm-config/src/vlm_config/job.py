@@ -30,7 +30,7 @@ from vlm_config.components import (
     EncoderConfig,
     StrictModel,
 )
-from vlm_config.data import DatasetConfig, migrate_legacy_data
+from vlm_config.data import DatasetConfig, NoDatasetConfig, migrate_legacy_data
 from vlm_config.model import ModelConfig
 from vlm_config.parallel import ParallelConfig
 from vlm_config.registry import GROUP_BASES, PluginError, PluginRegistry, get_registry
@@ -43,6 +43,10 @@ PLUGIN_SECTIONS: dict[str, tuple[str, str]] = {
     "arch": ("vlm.archs", "joint_decoder"),
     "data": ("vlm.datasets", "digits"),
 }
+
+
+#: the dataset a job without ``[data]`` gets when no ``digits`` plugin is installed
+NO_DATASET = NoDatasetConfig.model_fields["type"].default
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,8 @@ def _fill_default_tags(data: Any) -> Any:
     data = dict(data)
     for section, (group, default) in PLUGIN_SECTIONS.items():
         key = GROUP_BASES[group].discriminator
+        if section == "data" and default not in get_registry().names(group):
+            default = NO_DATASET  # model-only installs (no vlm-data) still validate jobs
         value = data.get(section)
         if value is None and section not in data:
             data[section] = {key: default}
