@@ -10,7 +10,6 @@ uses instead of the caption collator.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +23,7 @@ from vlm_data.chat import (
 from vlm_data.dataset import DatasetContext, ImageTextDataset, Preprocess
 from vlm_data.errors import DataError
 from vlm_data.images import load_image
+from vlm_data.jsonl import read_jsonl_records
 from vlm_data.tokenizer import TextTokenizer
 
 if TYPE_CHECKING:
@@ -141,24 +141,13 @@ class JsonlConversationDataset(ConversationDataset):
         self.manifest = Path(manifest)
         self.preprocess = preprocess
         self.config = config
-        if not self.manifest.is_file():
-            raise DataError(f"manifest not found: {self.manifest}")
-        self.rows: list[dict[str, Any]] = []
-        self.lines: list[int] = []
-        for n, line in enumerate(self.manifest.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                self.rows.append(self._row(line, n))
-                self.lines.append(n)
+        records = read_jsonl_records(self.manifest)
+        self.lines: list[int] = [n for n, _ in records]
+        self.rows: list[dict[str, Any]] = [self._row(row, n) for n, row in records]
         self.image_shape = probe_image_shape(preprocess)
 
-    def _row(self, line: str, n: int) -> dict[str, Any]:
+    def _row(self, row: dict[str, Any], n: int) -> dict[str, Any]:
         where = f"{self.manifest}:{n}"
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise DataError(f"{where}: not valid JSON: {exc}") from exc
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: a record must be a JSON object, got {type(row).__name__}")
         messages = check_messages(row.get("messages"), where)
         images = row.get("images", [])
         if not (isinstance(images, list) and all(isinstance(p, str) for p in images)):

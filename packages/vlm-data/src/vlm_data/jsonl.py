@@ -16,6 +16,31 @@ if TYPE_CHECKING:
 __all__ = ["FilesDataset", "JsonlDataset", "build_jsonl"]
 
 
+def read_jsonl_records(manifest: Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` of every non-blank line of a JSON-lines manifest.
+
+    Raises:
+        DataError: the manifest is missing, or a line is not a JSON object (the message
+            names ``file:line``).
+    """
+    if not manifest.is_file():
+        raise DataError(f"manifest not found: {manifest}")
+    records: list[tuple[int, dict[str, Any]]] = []
+    for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise DataError(f"{manifest}:{n}: not valid JSON: {exc}") from exc
+        if not isinstance(row, dict):
+            raise DataError(
+                f"{manifest}:{n}: a record must be a JSON object, got {type(row).__name__}"
+            )
+        records.append((n, row))
+    return records
+
+
 class JsonlDataset(ImageTextDataset):
     """Samples listed in a JSONL manifest; images read with PIL in the loader's workers.
 
@@ -49,23 +74,12 @@ class JsonlDataset(ImageTextDataset):
         self.preprocess = preprocess
         self.prompt = prompt
         self.frames_per_clip = frames_per_clip
-        if not self.manifest.is_file():
-            raise DataError(f"manifest not found: {self.manifest}")
-        self.rows: list[dict[str, Any]] = []
-        self.lines: list[int] = []
-        for n, line in enumerate(self.manifest.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                self.rows.append(self._row(line, n))
-                self.lines.append(n)
+        records = read_jsonl_records(self.manifest)
+        self.lines: list[int] = [n for n, _ in records]
+        self.rows: list[dict[str, Any]] = [self._row(row, n) for n, row in records]
 
-    def _row(self, line: str, n: int) -> dict[str, Any]:
+    def _row(self, row: dict[str, Any], n: int) -> dict[str, Any]:
         where = f"{self.manifest}:{n}"
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise DataError(f"{where}: not valid JSON: {exc}") from exc
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: a record must be a JSON object, got {type(row).__name__}")
         if not isinstance(row.get("caption"), str):
             raise DataError(f"{where}: needs a 'caption' string (the text to learn)")
         if "images" in row:
