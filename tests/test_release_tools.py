@@ -309,6 +309,43 @@ def test_lowest_constraints_take_the_tightest_bound(tmp_path: Path) -> None:
     assert not {"torch", "pytest", "hypothesis", "vlm-config"} & set(real)
 
 
+def test_lowest_pins_are_raised_to_what_other_pins_need() -> None:
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    metadata = {  # what each pinned distribution itself requires (read by pip in real runs)
+        ("transformers", "5.18"): ["safetensors>=0.8.0", "tokenizers<0.24,>=0.23.1"],
+        ("transformers", "4.45"): ["safetensors>=0.4.1", "tokenizers<0.21,>=0.20"],
+        ("safetensors", "0.4.1"): [],
+        ("safetensors", "0.8.0"): [],
+        ("tokenizers", "0.23.1"): ['huggingface-hub>=0.16; extra == "hub"'],
+    }
+    seen: list[dict[str, Version]] = []
+
+    def requires(pins: dict[str, Version]) -> dict[str, list[Requirement]]:
+        seen.append(dict(pins))
+        return {k: [Requirement(r) for r in metadata[(k, str(v))]] for k, v in pins.items()}
+
+    pins = [
+        "safetensors==0.4.1  # vlm-transformer",
+        "tokenizers==0.23.1  # vlm-data",
+        "transformers==5.18  # vlm-encoders",
+    ]
+    lines, notes = release.consistent_lowest(pins, requires)
+    assert lines[0].startswith("safetensors==0.8.0  # vlm-transformer; raised")
+    assert lines[1:] == pins[1:]
+    assert notes == ["safetensors: 0.4.1 -> 0.8.0 (transformers==5.18 needs safetensors>=0.8.0)"]
+    assert len(seen) == 2  # a second pass finds nothing left to raise
+    # a floor above another pin's upper bound is a wrong range: named, not papered over
+    old = [pins[1], "transformers==4.45  # vlm-data"]
+    with pytest.raises(
+        release.ReleaseError,
+        match=r"tokenizers==0.23.1 \(the floor of vlm-data\) "
+        r"is outside what transformers==4.45 .* requires: tokenizers<0.21,>=0.20",
+    ):
+        release.consistent_lowest(old, requires)
+
+
 def test_tag_names_a_package_at_its_version() -> None:
     project = release.package("vlm-config")
     version = project.version()

@@ -5,6 +5,7 @@ Subcommands (run by the nox sessions ``bump`` and ``lowest`` and by the release 
     python tools/release.py bump DIST major|minor|patch|X.Y.Z [--check-only] [--date D]
     python tools/release.py tag DIST-vX.Y.Z          # check a release tag, print DIST
     python tools/release.py lowest-constraints DIST  # `name==lower bound` per third-party dep
+                                                     # (raised where another pin needs more)
 
 ``bump`` writes the version with ``hatch version`` (the file named in the package's
 ``[tool.hatch.version]``), moves the CHANGELOG's Unreleased entries under
@@ -17,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import re
 import subprocess
 import sys
+import tempfile
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -382,6 +385,80 @@ def lowest_constraints(name: str, known: dict[str, Project] | None = None) -> li
     return [f"{k}=={v}  # {origin}" for k, (v, origin) in sorted(lows.items())]
 
 
+def pinned_requirements(pins: dict[str, Version]) -> dict[str, list[Requirement]]:
+    """What each pinned distribution requires (its own metadata, extras left out), read
+    by pip's resolver without installing anything (``pip install --dry-run --report``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        cmd = [
+            sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--no-deps",
+            "--ignore-installed", "--report", str(report),
+            *[f"{name}=={version}" for name, version in pins.items()],
+        ]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise ReleaseError(f"pip cannot find the pinned versions:\n{done.stderr.strip()}")
+        items = json.loads(report.read_text())["install"]
+    out: dict[str, list[Requirement]] = {}
+    for item in items:
+        meta = item["metadata"]
+        reqs = []
+        for raw in meta.get("requires_dist", []) or []:
+            req = Requirement(raw)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                reqs.append(req)
+        out[canonicalize_name(meta["name"])] = reqs
+    return out
+
+
+def consistent_lowest(
+    pins: list[str],
+    requires: Callable[[dict[str, Version]], dict[str, list[Requirement]]] = pinned_requirements,
+) -> tuple[list[str], list[str]]:
+    """Raise each lower-bound pin that another pin's own requirements exclude.
+
+    ``pins`` are :func:`lowest_constraints` lines.  A pinned distribution may need a
+    newer version of another pinned one (transformers 5.18 needs safetensors >= 0.8,
+    above vlm-transformer's own floor): that pin is raised to the floor required, and the
+    raise is reported (pip's ``--resolution lowest-direct`` behaves the same way).  A pin
+    *above* what another pin allows (its upper bound) cannot be resolved by raising: it
+    means a declared floor is wrong, and a :class:`ReleaseError` names the two ranges.
+    ``requires`` reads the pins' own requirements (:func:`pinned_requirements`).
+    Returns ``(lines, notes)``.
+    """
+    parsed: dict[str, tuple[Version, str]] = {}
+    for line in pins:
+        spec, _, origin = line.partition("#")
+        name, _, version = spec.strip().partition("==")
+        parsed[name] = (Version(version), origin.strip())
+    notes: list[str] = []
+    for _ in range(len(parsed) + 1):  # each pass raises at least one pin, or ends
+        needs = requires({k: v for k, (v, _) in parsed.items()})
+        raised = False
+        for owner, reqs in needs.items():
+            for req in reqs:
+                key = canonicalize_name(req.name)
+                if key not in parsed or req.specifier.contains(parsed[key][0], prereleases=True):
+                    continue
+                version, origin = parsed[key]
+                floor = lower_bound(req)
+                if floor is None or floor <= version or not req.specifier.contains(floor):
+                    raise ReleaseError(
+                        f"{key}=={version} (the floor of {origin}) is outside what "
+                        f"{owner}=={parsed[owner][0]} (the floor of {parsed[owner][1]}) "
+                        f"requires: {req}; raise the floor of {owner} to a version that "
+                        f"allows {key}=={version}, or the floor of {key}"
+                    )
+                why = f"{owner}=={parsed[owner][0]} needs {req}"
+                parsed[key] = (floor, f"{origin}; raised: {why}")
+                notes.append(f"{key}: {version} -> {floor} ({why})")
+                raised = True
+        if not raised:
+            break
+    lines = [f"{k}=={v}  # {origin}" for k, (v, origin) in sorted(parsed.items())]
+    return lines, notes
+
+
 # -------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Release helpers (see tools/release.py)")
@@ -405,7 +482,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "tag":
             print(check_tag(args.tag).name)
             return 0
-        pins = lowest_constraints(args.distribution)
+        pins, notes = consistent_lowest(lowest_constraints(args.distribution))
+        for note in notes:
+            print(f"raised {note}", file=sys.stderr)
         text = "\n".join(pins) + "\n"
         if args.output:
             args.output.write_text(text)
