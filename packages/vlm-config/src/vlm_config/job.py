@@ -36,17 +36,26 @@ from vlm_config.parallel import ParallelConfig
 from vlm_config.registry import GROUP_BASES, PluginError, PluginRegistry, get_registry
 from vlm_config.train import TrainConfig
 
-#: section -> (registry group, default plugin name used when the tag is omitted)
-PLUGIN_SECTIONS: dict[str, tuple[str, str]] = {
+#: the dataset a job without ``[data]`` gets when no ``digits`` plugin is installed
+NO_DATASET = NoDatasetConfig.model_fields["type"].default
+
+#: section -> (registry group, default plugin name used when the tag is omitted, then
+#: fallbacks): the first of the names that is installed fills in an omitted tag, the
+#: first name when none is (so the error names the preferred one)
+PLUGIN_SECTIONS: dict[str, tuple[str, ...]] = {
     "encoder": ("vlm.encoders", "random"),
     "adapter": ("vlm.adapters", "mlp_2layer"),
     "arch": ("vlm.archs", "joint_decoder"),
-    "data": ("vlm.datasets", "digits"),
+    # model-only installs (no vlm-data) still validate jobs: vlm-config's ``none``
+    "data": ("vlm.datasets", "digits", NO_DATASET),
 }
 
 
-#: the dataset a job without ``[data]`` gets when no ``digits`` plugin is installed
-NO_DATASET = NoDatasetConfig.model_fields["type"].default
+def default_plugin_name(section: str, registry: PluginRegistry | None = None) -> str:
+    """The plugin name an omitted ``section`` tag gets (see :data:`PLUGIN_SECTIONS`)."""
+    group, *names = PLUGIN_SECTIONS[section]
+    installed = (registry or get_registry()).names(group)
+    return next((name for name in names if name in installed), names[0])
 
 
 @dataclass(frozen=True)
@@ -149,10 +158,9 @@ def _fill_default_tags(data: Any) -> Any:
     if not isinstance(data, dict):
         return data
     data = dict(data)
-    for section, (group, default) in PLUGIN_SECTIONS.items():
+    for section, (group, *_names) in PLUGIN_SECTIONS.items():
         key = GROUP_BASES[group].discriminator
-        if section == "data" and default not in get_registry().names(group):
-            default = NO_DATASET  # model-only installs (no vlm-data) still validate jobs
+        default = default_plugin_name(section)
         value = data.get(section)
         if value is None and section not in data:
             data[section] = {key: default}
@@ -265,7 +273,7 @@ def resolved_job_config_class(registry: PluginRegistry | None = None) -> type[Jo
     if cached is not None and cached[0] == registry.generation:
         return cached[1]
     fields: dict[str, Any] = {}
-    for section, (group, _default) in PLUGIN_SECTIONS.items():
+    for section, (group, *_names) in PLUGIN_SECTIONS.items():
         usable = registry.load_all(group)
         classes = list(usable.values())
         base = GROUP_BASES[group]
