@@ -17,32 +17,7 @@ import vlmp_workers as w
 
 import vlm_parallel as vp
 import vlm_parallel.checkpoint as ckpt_mod
-from vlm_config import JobConfig, ParallelConfig, write_toml
-from vlm_strategies import causal_lm_loss
-
-
-@pytest.fixture
-def job() -> JobConfig:
-    return JobConfig.model_validate(w.tiny_job_dict())
-
-
-@pytest.fixture
-def ctx(monkeypatch: pytest.MonkeyPatch) -> vp.DistContext:
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    return vp.init_distributed(ParallelConfig(), device="cpu")
-
-
-def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, job: JobConfig) -> None:
-    pixels, ids = w.make_batch(2, job)
-    logits, labels = model(pixels, ids, labels=ids)
-    optimizer.zero_grad()
-    causal_lm_loss(logits, labels).backward()
-    optimizer.step()
-
-
-def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+from vlm_config import JobConfig, write_toml
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -70,10 +45,10 @@ def two_checkpoints(
     manager = vp.CheckpointManager(tmp_path / "ckpt", keep_last=3)
     params = {}
     for step in (1, 2):
-        _train(model, optimizer, job)
+        w.one_local_step(model, optimizer, job)
         scheduler.step()
         manager.save(step, model, optimizer, scheduler, extra={"pos": step})
-        params[step] = _params(model)
+        params[step] = w.state_copy(model)
     return manager, params
 
 
@@ -236,7 +211,7 @@ def test_corrupt_latest_falls_back(
     warnings: list[str] = []
     info = manager.load_latest(model, optimizer, warn=warnings.append)
     assert info is not None and info["step"] == 1 and info["path"].name == "step_000001"
-    assert _same(_params(model), params[1])
+    assert _same(w.state_copy(model), params[1])
     assert len(warnings) == 1
     assert warnings[0].startswith("warning: checkpoint step_000002 is unreadable (")
     assert warnings[0].endswith("); falling back to step_000001")
@@ -281,7 +256,7 @@ def test_model_only_load(
     before = torch.get_rng_state()
     info = manager.load_latest(model, model_only=True)
     assert info is not None and info["step"] == 2
-    assert _same(_params(model), params[2])
+    assert _same(w.state_copy(model), params[2])
     assert torch.equal(torch.get_rng_state(), before)  # inference keeps its RNG
     with pytest.raises(ValueError, match="model_only"):
         manager.load_latest(model, torch.optim.SGD(model.parameters(), lr=1.0), model_only=True)
@@ -343,10 +318,10 @@ def test_disk_full_leaves_previous_checkpoint(
     model = vp.build_parallel_vlm(job, ctx, seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     manager = vp.CheckpointManager(tmp_path, keep_last=1)
-    _train(model, optimizer, job)
+    w.one_local_step(model, optimizer, job)
     manager.save(1, model, optimizer)
-    at_1 = _params(model)
-    _train(model, optimizer, job)
+    at_1 = w.state_copy(model)
+    w.one_local_step(model, optimizer, job)
 
     def full(*_a: Any, **_k: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -370,7 +345,7 @@ def test_disk_full_leaves_previous_checkpoint(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001"]
     fresh = _fresh(job, ctx)
     assert manager.load(manager.latest() or Path(), fresh, None)["step"] == 1
-    assert _same(_params(fresh), at_1)
+    assert _same(w.state_copy(fresh), at_1)
 
 
 def test_unsafe_extra_is_rejected_before_writing(
@@ -390,7 +365,7 @@ def test_sigint_during_save_is_deferred(
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     manager = vp.CheckpointManager(tmp_path, keep_last=1)
     manager.save(1, model, optimizer)
-    _train(model, optimizer, job)
+    w.one_local_step(model, optimizer, job)
     real = ckpt_mod.dcp.save
     sent: list[bool] = []
 

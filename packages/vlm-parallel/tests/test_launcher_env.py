@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +29,7 @@ from vlm_config import ParallelConfig
 from vlm_parallel import DistContext, init_distributed
 from vlm_parallel.dist import _launcher_env
 
-LAUNCHER_VARS = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "GROUP_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-)
+LAUNCHER_VARS = w.LAUNCHER_VARS
 
 
 @pytest.fixture
@@ -203,7 +193,6 @@ def test_more_processes_than_gpus_on_a_node(env: Any, monkeypatch: pytest.Monkey
 
 
 # ------------------------------------------------------- two one-process "nodes"
-WORKER_TIMEOUT_S = 120
 
 
 def _launch_two_nodes(tmp_path: Path, parallel: dict[str, Any]) -> list[dict[str, Any]]:
@@ -211,8 +200,7 @@ def _launch_two_nodes(tmp_path: Path, parallel: dict[str, Any]) -> list[dict[str
     --nproc_per_node=1`` would give each node's process."""
     shared = tmp_path / "shared" / "checkpoints"
     port = w.free_port()
-    base = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    base.update({"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    base = w.worker_env()
     procs = []
     for node in range(2):
         env = {
@@ -238,21 +226,7 @@ def _launch_two_nodes(tmp_path: Path, parallel: dict[str, Any]) -> list[dict[str
         procs.append(
             subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         )
-    deadline = time.monotonic() + WORKER_TIMEOUT_S
-    logs, failed = [], False
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            out, _ = proc.communicate()
-            failed = True
-        logs.append(out.decode(errors="replace"))
-        failed = failed or proc.returncode != 0
-    if failed:
-        text = "\n".join(f"--- node {n} ---\n{log[-6000:]}" for n, log in enumerate(logs))
-        raise RuntimeError(f"two-node worker failed:\n{text}")
+    w.wait_all(procs, "two-node worker")
     return [torch.load(tmp_path / f"result_{n}.pt", weights_only=False) for n in range(2)]
 
 

@@ -13,18 +13,6 @@ from vlm_config import JobConfig, ParallelConfig
 from vlm_strategies import build_vlm, causal_lm_loss
 
 
-@pytest.fixture
-def job() -> JobConfig:
-    return JobConfig.model_validate(w.tiny_job_dict())
-
-
-@pytest.fixture
-def ctx(monkeypatch: pytest.MonkeyPatch) -> vp.DistContext:
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    return vp.init_distributed(ParallelConfig(), device="cpu")
-
-
 def test_public_api() -> None:
     assert vp.__version__ == "0.1.0"
     for name in vp.__all__:
@@ -144,18 +132,6 @@ def test_generation_unaffected_by_checkpointing(job: JobConfig) -> None:
 
 
 # ------------------------------------------------------------------ checkpoints
-def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, job: JobConfig) -> None:
-    pixels, ids = w.make_batch(2, job)
-    logits, labels = model(pixels, ids, labels=ids)
-    optimizer.zero_grad()
-    causal_lm_loss(logits, labels).backward()
-    optimizer.step()
-
-
-def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def test_checkpoint_roundtrip_rng_and_retention(
     job: JobConfig, ctx: vp.DistContext, tmp_path: Path
 ) -> None:
@@ -168,17 +144,17 @@ def test_checkpoint_roundtrip_rng_and_retention(
     manager = vp.CheckpointManager(tmp_path, keep_last=2)
     assert manager.latest() is None
     for step in (1, 2, 3):
-        _train(model, optimizer, job)
+        w.one_local_step(model, optimizer, job)
         path = manager.save(step, model, optimizer, extra={"pos": step})
         assert (path / vp.COMPLETE_MARKER).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000002", "step_000003"]
     assert manager.latest() == tmp_path / "step_000003"
-    saved = _params(model)
+    saved = w.state_copy(model)
     expected = (torch.rand(3), random.random(), np.random.rand())
-    _train(model, optimizer, job)  # moves params and the RNG
+    w.one_local_step(model, optimizer, job)  # moves params and the RNG
     info = manager.load(manager.latest(), model, optimizer)
     assert info == {"step": 3, "extra": {"pos": 3}, "world_size": 1}
-    assert all(torch.equal(saved[k], v) for k, v in _params(model).items())
+    assert all(torch.equal(saved[k], v) for k, v in w.state_copy(model).items())
     got = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
     with pytest.raises(FileNotFoundError, match="COMPLETE"):
@@ -191,10 +167,10 @@ def test_interrupted_save_keeps_previous_checkpoint(
     model = vp.build_parallel_vlm(job, ctx, seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     manager = vp.CheckpointManager(tmp_path, keep_last=1)
-    _train(model, optimizer, job)
+    w.one_local_step(model, optimizer, job)
     manager.save(1, model, optimizer)
-    at_step_1 = _params(model)
-    _train(model, optimizer, job)
+    at_step_1 = w.state_copy(model)
+    w.one_local_step(model, optimizer, job)
 
     import vlm_parallel.checkpoint as ckpt_mod
 
@@ -217,7 +193,7 @@ def test_interrupted_save_keeps_previous_checkpoint(
     fresh = vp.build_parallel_vlm(job, ctx, seed=1)
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
     assert manager.load(manager.latest(), fresh, fresh_opt)["step"] == 1
-    assert all(torch.equal(at_step_1[k], v) for k, v in _params(fresh).items())
+    assert all(torch.equal(at_step_1[k], v) for k, v in w.state_copy(fresh).items())
 
     # A retry of the same step succeeds and replaces the partial folder.
     manager.save(2, model, optimizer)
@@ -231,7 +207,7 @@ def test_scheduler_state_roundtrip(job: JobConfig, ctx: vp.DistContext, tmp_path
     optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
     for _ in range(3):
-        _train(model, optimizer, job)
+        w.one_local_step(model, optimizer, job)
         scheduler.step()
     manager = vp.CheckpointManager(tmp_path)
     manager.save(3, model, optimizer, scheduler)

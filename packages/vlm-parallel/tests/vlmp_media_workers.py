@@ -11,12 +11,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from vlmp_workers import free_port, full_params, tiny_job_dict
+from vlmp_workers import free_port, full_params, tiny_job_dict, wait_all, worker_env
 
 torch.set_num_threads(1)
 
@@ -28,12 +27,7 @@ def launch(world: int, outdir: Path, **kwargs: Any) -> list[Any]:
     """Run :func:`w_text_only_rank` in ``world`` fresh processes (gloo)."""
     outdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
-    env.update({"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    env = worker_env()
     args = [str(world), str(port), str(outdir), json.dumps(kwargs)]
     procs = [
         subprocess.Popen(
@@ -44,21 +38,7 @@ def launch(world: int, outdir: Path, **kwargs: Any) -> list[Any]:
         )
         for r in range(world)
     ]
-    deadline = time.monotonic() + WORKER_TIMEOUT_S
-    outputs, failed = [], False
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:  # a hang: a collective one rank skipped
-            for p in procs:
-                p.kill()
-            out, _ = proc.communicate()
-            failed = True
-        outputs.append(out.decode(errors="replace"))
-        failed = failed or proc.returncode != 0
-    if failed:
-        logs = "\n".join(f"--- rank {r} ---\n{o[-6000:]}" for r, o in enumerate(outputs))
-        raise RuntimeError(f"text-only-rank workers failed in {world} processes:\n{logs}")
+    wait_all(procs, "text-only-rank workers", WORKER_TIMEOUT_S)
     return [torch.load(outdir / f"result_{r}.pt", weights_only=False) for r in range(world)]
 
 

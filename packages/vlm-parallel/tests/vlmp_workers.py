@@ -51,6 +51,22 @@ SIGLIP_TOWER = {
 }
 
 
+def one_local_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, job: Any) -> None:
+    """One optimizer step of ``model`` on :func:`make_batch` ``(2, job)``."""
+    from vlm_strategies import causal_lm_loss
+
+    pixels, ids = make_batch(2, job)
+    logits, labels = model(pixels, ids, labels=ids)
+    optimizer.zero_grad()
+    causal_lm_loss(logits, labels).backward()
+    optimizer.step()
+
+
+def state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of ``model.state_dict()``."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 # --------------------------------------------------------------------- launching
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -58,16 +74,59 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+#: launcher variables a worker's parent must not pass on (each worker gets its own)
+LAUNCHER_VARS = frozenset(
+    {
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "GROUP_RANK",
+        "GROUP_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    }
+)
+
+
+def worker_env() -> dict[str, str]:
+    """This process's environment without launcher variables, one thread, no CUDA."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update({"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    return env
+
+
+def wait_all(
+    procs: list[subprocess.Popen[bytes]], what: str, timeout_s: float = WORKER_TIMEOUT_S
+) -> list[str]:
+    """Wait for every process (one deadline for all: a hang is a collective one process
+    skipped, and then every process is killed); their outputs in order.
+
+    Raises ``RuntimeError`` naming ``what`` with each process's last output when one
+    fails or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    outputs, failed = [], False
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            out, _ = proc.communicate()
+            failed = True
+        outputs.append(out.decode(errors="replace"))
+        failed = failed or proc.returncode != 0
+    if failed:
+        logs = "\n".join(f"--- process {r} ---\n{o[-6000:]}" for r, o in enumerate(outputs))
+        raise RuntimeError(f"{what} failed in {len(procs)} processes:\n{logs}")
+    return outputs
+
+
 def launch(worker: str, world: int, outdir: Path, **kwargs: Any) -> list[Any]:
     """Run ``worker`` in ``world`` fresh processes (gloo); results ordered by rank."""
     outdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
-    env.update({"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    env = worker_env()
     procs = []
     for rank in range(world):
         cmd = [
@@ -83,22 +142,7 @@ def launch(worker: str, world: int, outdir: Path, **kwargs: Any) -> list[Any]:
         procs.append(
             subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         )
-    deadline = time.monotonic() + WORKER_TIMEOUT_S
-    outputs = []
-    failed = False
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            out, _ = proc.communicate()
-            failed = True
-        outputs.append(out.decode(errors="replace"))
-        failed = failed or proc.returncode != 0
-    if failed:
-        logs = "\n".join(f"--- rank {r} ---\n{o[-6000:]}" for r, o in enumerate(outputs))
-        raise RuntimeError(f"worker {worker!r} failed in {world} processes:\n{logs}")
+    wait_all(procs, f"worker {worker!r}")
     return [torch.load(outdir / f"result_{r}.pt", weights_only=False) for r in range(world)]
 
 
