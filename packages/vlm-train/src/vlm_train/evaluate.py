@@ -8,6 +8,7 @@ sees future tokens and overstates accuracy.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,42 @@ class EvalResult:
         }
 
 
+def rank_batches(
+    n: int, rank: int, world_size: int, batch_size: int
+) -> Iterator[tuple[list[int], list[bool]]]:
+    """Rank ``rank``'s share of samples ``0..n-1`` (``rank::world_size``) in batches of
+    ``batch_size``: ``(indices, live)``.  Every rank gets the same number of equally sized
+    batches (sharded models run collectives in every forward); the padding rows repeat
+    sample 0 with ``live`` False and must not be counted."""
+    mine = list(range(rank, n, world_size))
+    per_rank = -(-n // world_size)
+    live = [True] * len(mine) + [False] * (per_rank - len(mine))
+    mine += [0] * (per_rank - len(mine))
+    for start in range(0, per_rank, batch_size):
+        yield mine[start : start + batch_size], live[start : start + batch_size]
+
+
+def autocast_context(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast on ``device`` when ``bf16``, else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+class ExampleLog:
+    """A few ``(reference, prediction)`` pairs for the report: the first 3, then mistakes
+    until 8 are kept; :meth:`ordered` puts the mistakes first."""
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[str, str]] = []
+
+    def add(self, reference: str, prediction: str) -> None:
+        if len(self.pairs) < 3 or (reference != prediction and len(self.pairs) < 8):
+            self.pairs.append((reference, prediction))
+
+    def ordered(self) -> list[tuple[str, str]]:
+        mistakes = [e for e in self.pairs if e[0] != e[1]]
+        return (mistakes + [e for e in self.pairs if e[0] == e[1]])[:8]
+
+
 def format_eval(result: EvalResult, split: str = "held-out") -> list[str]:
     """Human-readable lines (the first is the headline)."""
     loss = f", loss {result.loss:.4f}" if result.loss is not None else ""
@@ -93,28 +130,18 @@ def evaluate(
     are summed over ranks.
     """
     n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
-    mine = list(range(rank, n, world_size))
-    per_rank = -(-n // world_size)
-    weights = [1] * len(mine) + [0] * (per_rank - len(mine))
-    mine += [0] * (per_rank - len(mine))
     tok = collator.tokenizer
     device = torch.device(device)
-    ctx: Any = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if autocast_bf16
-        else contextlib.nullcontext()
-    )
+    ctx = autocast_context(device, autocast_bf16)
     was_training = model.training
     model.eval()
     correct = 0
     loss_sum = 0.0
     loss_tokens = 0.0
     by_frames: dict[int, list[int]] = {}
-    examples: list[tuple[str, str]] = []
+    examples = ExampleLog()
     try:
-        for start in range(0, per_rank, batch_size):
-            idx = mine[start : start + batch_size]
-            wts = weights[start : start + batch_size]
+        for idx, wts in rank_batches(n, rank, world_size, batch_size):
             batch = collator([dataset[i] for i in idx])
             pixels = batch["pixel_values"].to(device)
             frame_mask = batch["frame_mask"]
@@ -157,8 +184,7 @@ def evaluate(
                 stats = by_frames.setdefault(frames, [0, 0])
                 stats[0] += int(ok)
                 stats[1] += 1
-                if (not ok and len(examples) < 8) or len(examples) < 3:
-                    examples.append((ref, pred))
+                examples.add(ref, pred)
     finally:
         model.train(was_training)
     keys = sorted(set(range(1, 65)))  # frame counts are small; reduce a fixed-size vector
@@ -172,11 +198,10 @@ def evaluate(
         for i, k in enumerate(keys)
         if vec[4 + 2 * i] > 0
     }
-    mistakes = [e for e in examples if e[0] != e[1]]
     return EvalResult(
         correct=int(vec[0]),
         total=n,
         loss=(vec[1] / vec[2]) if compute_loss and vec[2] > 0 else None,
         by_frames=frames_out,
-        examples=(mistakes + [e for e in examples if e[0] == e[1]])[:8],
+        examples=examples.ordered(),
     )

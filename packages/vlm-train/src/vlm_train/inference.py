@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -256,13 +255,10 @@ def conversation_predictions(
             f"the prompts take {prompts['input_ids'].shape[1]} tokens; rows hold "
             f"{collator.max_length}: no room to generate"
         )
-    ctx: Any = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if autocast_bf16
-        else contextlib.nullcontext()
-    )
+    from vlm_train.evaluate import autocast_context
+
     tok = collator.tokenizer
-    with ctx:
+    with autocast_context(device, autocast_bf16):
         out = model.generate(
             to_media_batch(prompts, device),
             max_new_tokens=room,
@@ -296,28 +292,18 @@ def evaluate_conversations(
     ``EvalResult.by_frames`` is empty (conversations have no clips).
     """
     from vlm_parallel import all_reduce_sum
-    from vlm_train.evaluate import EvalResult
+    from vlm_train.evaluate import EvalResult, ExampleLog, autocast_context, rank_batches
 
     n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
-    mine = list(range(rank, n, world_size))
-    per_rank = -(-n // world_size)
-    weights = [1] * len(mine) + [0] * (per_rank - len(mine))
-    mine += [0] * (per_rank - len(mine))
     device = torch.device(device)
     tok = collator.tokenizer
     was_training = model.training
     model.eval()
     correct, loss_sum, loss_tokens = 0, 0.0, 0.0
-    examples: list[tuple[str, str]] = []
-    ctx: Any = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if autocast_bf16
-        else contextlib.nullcontext()
-    )
+    examples = ExampleLog()
+    ctx = autocast_context(device, autocast_bf16)
     try:
-        for start in range(0, per_rank, batch_size):
-            idx = mine[start : start + batch_size]
-            wts = weights[start : start + batch_size]
+        for idx, wts in rank_batches(n, rank, world_size, batch_size):
             samples = [dataset[i] for i in idx]
             if compute_loss:
                 batch = collator(samples)
@@ -343,19 +329,17 @@ def evaluate_conversations(
                 ref = tok.normalize(sample["messages"][-1]["content"])
                 ok = ref == pred
                 correct += int(ok)
-                if (not ok and len(examples) < 8) or len(examples) < 3:
-                    examples.append((ref, pred))
+                examples.add(ref, pred)
     finally:
         model.train(was_training)
     vec = [float(correct), loss_sum, loss_tokens]
     if world_size > 1:
         vec = all_reduce_sum(vec)
-    mistakes = [e for e in examples if e[0] != e[1]]
     return EvalResult(
         correct=int(vec[0]),
         total=n,
         loss=(vec[1] / vec[2]) if compute_loss and vec[2] > 0 else None,
-        examples=(mistakes + [e for e in examples if e[0] == e[1]])[:8],
+        examples=examples.ordered(),
     )
 
 
