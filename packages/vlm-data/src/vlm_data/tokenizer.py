@@ -52,6 +52,9 @@ class TextTokenizer:
         except DataError:
             self.pad_id = self.eos_id
         self._cache: dict[str, list[int]] = {}
+        #: the ``tokenizer_config.json`` this tokeniser was loaded with (its other keys,
+        #: e.g. a ``chat_template``, are written back by :meth:`save`)
+        self.config: dict[str, object] = {}
 
     def _find(self, given: str | None, candidates: Sequence[str], what: str) -> int:
         for token in (given,) if given else candidates:
@@ -92,7 +95,10 @@ class TextTokenizer:
         return self.decode(self.encode(text))
 
     def save(self, path: str | Path) -> Path:
-        """Write ``tokenizer.json`` (``path`` is a folder or the file) atomically."""
+        """Write ``tokenizer.json`` (``path`` is a folder or the file) and, next to it,
+        ``tokenizer_config.json`` naming the BOS / EOS / PAD tokens (with the other keys of
+        the config it was loaded with), each atomically: :meth:`load` of the result finds
+        the same special ids even when their spellings are not the usual ones."""
         path = Path(path)
         if path.suffix != ".json":
             path.mkdir(parents=True, exist_ok=True)
@@ -100,6 +106,16 @@ class TextTokenizer:
         tmp = path.with_name(f".{path.name}.tmp")
         self.tokenizer.save(str(tmp))
         tmp.replace(path)
+        config = {
+            **self.config,
+            "bos_token": self.tokenizer.id_to_token(self.bos_id),
+            "eos_token": self.tokenizer.id_to_token(self.eos_id),
+            "pad_token": self.tokenizer.id_to_token(self.pad_id),
+        }
+        cfg = path.with_name("tokenizer_config.json")
+        tmp = cfg.with_name(f".{cfg.name}.tmp")
+        tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+        tmp.replace(cfg)
         return path
 
     @classmethod
@@ -115,18 +131,22 @@ class TextTokenizer:
         except Exception as exc:
             raise DataError(f"cannot read tokenizer {file}: {exc}") from exc
         names: dict[str, str | None] = {}
+        raw: dict[str, object] = {}
         cfg = file.parent / "tokenizer_config.json"
         if cfg.is_file():
             try:
-                raw = json.loads(cfg.read_text(encoding="utf-8"))
+                loaded = json.loads(cfg.read_text(encoding="utf-8"))
             except ValueError:
-                raw = {}
+                loaded = None
+            raw = loaded if isinstance(loaded, dict) else {}
             for key in ("bos_token", "eos_token", "pad_token"):
                 value = raw.get(key)
                 if isinstance(value, dict):
                     value = value.get("content")
                 names[key] = value if isinstance(value, str) else None
-        return cls(tok, **names)
+        out = cls(tok, **names)
+        out.config = raw
+        return out
 
     @classmethod
     def train(
