@@ -83,12 +83,19 @@ def test_resume_refuses_a_config_that_changes_the_model(tmp_path: Path) -> None:
     # nothing in the run folder was touched
     assert _run_files(out) == before
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == checkpoints
-    # the way out the message names works: train.resume=false starts afresh
+    # the way out the message names works: train.resume=false starts afresh, and the
+    # earlier run's files move aside whole (nothing deleted, no mixed checkpoints)
+    said: list[str] = []
     fresh = train(
-        tiny_job(out, "model.dim=64", "train.resume=false", "train.steps=2"), log=lambda _m: None
+        tiny_job(out, "model.dim=64", "train.resume=false", "train.steps=1"), log=said.append
     )
-    assert fresh.resumed_from is None and fresh.step == 2
+    assert fresh.resumed_from is None and fresh.step == 1
     assert "dim = 64" in (out / "job.toml").read_text()
+    (aside,) = (out / "earlier_runs").iterdir()
+    assert any("moved the earlier run's checkpoints, " in m and str(aside) in m for m in said)
+    assert _run_files(aside) == {k: v for k, v in before.items()}
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == checkpoints
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001"]
 
 
 def test_resume_applies_safe_differences_with_a_warning(tmp_path: Path) -> None:

@@ -161,6 +161,19 @@ def build_scheduler(
 
 
 # -------------------------------------------------------------------------- resume
+#: what a run writes in its ``train.output_dir`` (set aside by ``train.resume = false``)
+RUN_FILES = (
+    "checkpoints",
+    "final",
+    "job.toml",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "metrics.jsonl",
+    "eval.json",
+    "loss.png",
+)
+
+
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(data, dict) and data:
         out: dict[str, Any] = {}
@@ -353,6 +366,8 @@ class Trainer:
         self._ckpt = self._checkpoints()
         resume_point = self._resume_point()
         self.model = self._build_model()
+        if not self.job.train.resume:
+            self._set_aside_earlier_run()
         self._build_data(resuming=resume_point is not None)
         self.optimizer = build_optimizer(self.model, self.job)
         self.scheduler = build_scheduler(self.optimizer, self.job)
@@ -403,6 +418,30 @@ class Trainer:
                 "train.output_dir or train.resume=false to start afresh"
             )
         return latest
+
+    def _set_aside_earlier_run(self) -> None:
+        """``train.resume = false`` in a folder that holds an earlier run: its files
+        (:data:`RUN_FILES`) move to ``earlier_runs/<UTC time>/`` before anything is written,
+        so the new run's checkpoints never mix with the old ones (a later resume would
+        otherwise pick the old run's newest step) and nothing is deleted.  The feature
+        cache stays (it is keyed by content)."""
+        from vlm_parallel import barrier
+
+        if self.dist.is_main:
+            found = [self.run_dir / name for name in RUN_FILES if (self.run_dir / name).exists()]
+            if found:
+                stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+                dest = self.run_dir / "earlier_runs" / stamp
+                n = 1
+                while dest.exists():
+                    n += 1
+                    dest = self.run_dir / "earlier_runs" / f"{stamp}-{n}"
+                dest.mkdir(parents=True)
+                for path in found:
+                    path.rename(dest / path.name)
+                names = ", ".join(p.name for p in found)
+                self.say(f"train.resume=false: moved the earlier run's {names} to {dest}")
+        barrier()
 
     def _build_model(self) -> VLMWrapper:
         from vlm_parallel import build_parallel_vlm
@@ -898,7 +937,12 @@ class Trainer:
         why = f"signal {reason}" if reason else "stop_after_steps"
         self.say(
             f"stopped by {why} at step {self.global_step}/{self.job.train.steps}; checkpoint "
-            f"saved in {self.run_dir / 'checkpoints'}; rerun the same command to resume"
+            f"saved in {self.run_dir / 'checkpoints'}; "
+            + (
+                "rerun the same command to resume"
+                if self.job.train.resume
+                else "rerun it with train.resume=true to resume (with false it starts afresh)"
+            )
         )
         return self._result(reason, None)
 
