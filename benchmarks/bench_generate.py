@@ -18,8 +18,12 @@ decode):
   its default dynamic cache) on the folder :func:`vlm_train.hf_export.export_hf_llava`
   writes from our model (same weights; the prompt ``<image> * 64 + [BOS] + prompt``
   reproduces ours exactly).  The peer's generation config is greedy with no EOS, no
-  suppressed token (the exported config suppresses ``<image>``; that changes nothing
-  here but costs a logits processor), so the tokens must be identical (checked).
+  suppressed token, and the loaded model's own ``generation_config`` is replaced by a
+  bare one: ``generate`` fills every field its argument leaves ``None`` from the
+  model's, and the exported one (EOS id 2, ``<image>`` suppressed) made a row that
+  greedily produced id 2 stop there (pad after it: "different" tokens with bitwise
+  equal logits) and ran a suppress-tokens processor every step.  So the tokens must be
+  identical (checked).
 * every arch vs ``legacy``: this package's previous per-token path (kept here only):
   a concatenating :class:`vlm_transformer.KVCache`, a full ``Transformer.forward`` per
   token (context validation, mask construction), ``sample_next_token`` with its
@@ -33,10 +37,18 @@ decode):
 * ``--compile``: adds ``joint_decoder, compile=True`` (Inductor on the one-token step,
   static shapes); the first call's wall time (compilation) is reported separately.
 
+Columns: ``ratio`` = the runner's median time / ours (> 1: we are faster); ``same`` =
+its tokens equal ours; when they do not, the row says how many tokens in how many rows
+differ and, at the earliest divergence, the gap between the logits our model (one full
+forward over the shared history) gives our token and the runner's: ~1e-6 is a near-tie
+broken by float rounding, a large gap a real difference (:func:`divergence`).
+
 Timing: ``--warmup`` untimed calls per runner, then ``--reps`` timed rounds in which
 the runners of one arch alternate (rotating order); medians.  Threads:
 ``--threads`` (default 1, ``torch.set_num_threads``; set ``OMP_NUM_THREADS`` to the same
-value).  Writes ``build/bench/bench_generate_<size>.json``.
+value).  ``--profile``: one more call per runner under ``torch.profiler``, split into
+matmuls (with their GFLOP/s), attention kernels, ``cat`` / copies, other ops and the
+time outside ops (:func:`profile_call`).  Writes ``build/bench/bench_generate_<size>.json``.
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_generate.py`` (or ``nox -s bench``).
 """
@@ -59,6 +71,7 @@ from torch import Tensor, nn
 from vlm_config import JobConfig
 from vlm_strategies import VLMWrapper, build_vlm
 from vlm_transformer import KVCache, ModalityContext, sample_next_token
+from vlm_transformer.generate import _with_padding
 
 SIZES: dict[str, dict[str, int]] = {
     # the digits examples' decoder width and depth (per-token overhead dominates)
@@ -228,6 +241,12 @@ def llava_runner(
     config = GenerationConfig(
         max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0, use_cache=True
     )
+    # ``generate`` fills every field the call leaves ``None`` from the model's own
+    # generation config (seen with transformers 5.24): with the exported one (eos 2, suppress
+    # ``<image>``) a row that greedily produced id 2 stopped there and got pad after it,
+    # and a suppress-tokens processor ran on every step.  Replace it, so that no EOS and
+    # no logits processor apply to the peer either.
+    llava.generation_config = GenerationConfig(pad_token_id=0)
 
     @torch.no_grad()
     def run() -> Tensor:
@@ -248,6 +267,72 @@ def export_llava(model: VLMWrapper, folder: Path) -> Path:
 
     tok = TextTokenizer.train(["zero one two three four five six seven eight nine"])
     return export_hf_llava(model, job_config(ARCHS["joint_decoder"]), tok, folder)
+
+
+@torch.no_grad()
+def divergence(
+    model: VLMWrapper, pixels: Tensor, ids: Tensor, mask: Tensor, ours: Tensor, other: Tensor
+) -> dict[str, Any]:
+    """Where ``other`` (B, T) departs from ``ours`` (B, T): how many tokens and rows
+    differ, the first divergence (row with the earliest one) and, there, the gap between
+    the logits our model gives (one full forward over the shared history) to our token and
+    to the other runner's: about 1e-6 for a near-tie broken by float rounding, large for
+    a real difference (mapping, masks, positions)."""
+    diff = ours != other
+    if not bool(diff.any()):
+        return {"tokens_differing": 0}
+    firsts = [
+        int(diff[r].nonzero()[0]) if bool(diff[r].any()) else ours.shape[1]
+        for r in range(len(diff))
+    ]
+    row = min(range(len(firsts)), key=firsts.__getitem__)
+    step = firsts[row]
+    seq = torch.cat((ids[row : row + 1], ours[row : row + 1, :step]), dim=1)
+    valid = torch.cat((mask[row : row + 1], torch.ones(1, step, dtype=mask.dtype)), dim=1).bool()
+    ctx = model.strategy.prepare(model, pixels[row : row + 1], seq, None)
+    logits = model.transformer(
+        seq, _with_padding(ctx, None if bool(valid.all()) else valid, 1), logits_to_keep=1
+    )[0, -1]
+    a, b = int(ours[row, step]), int(other[row, step])
+    return {
+        "tokens_differing": int(diff.sum()),
+        "rows_differing": int(diff.any(dim=1).sum()),
+        "first_row": row,
+        "first_step": step,
+        "logit_gap": float(logits[a] - logits[b]),
+    }
+
+
+_MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkl::_mkl_linear")
+
+
+def profile_call(run: Callable[[], Tensor]) -> dict[str, float]:
+    """One call under ``torch.profiler``: self CPU time (ms) of its matmuls (and their
+    GFLOP/s), attention kernels, ``cat`` / copies, every other op, and the rest of the
+    wall time (Python, dispatch, the profiler's own overhead)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        t = time.perf_counter()
+        run()
+        wall = time.perf_counter() - t
+    out = {"matmul": 0.0, "attention": 0.0, "cat_copy": 0.0, "other_ops": 0.0, "flops": 0.0}
+    for evt in prof.key_averages():
+        ms = evt.self_cpu_time_total / 1e3
+        if evt.key in _MATMUL:
+            out["matmul"] += ms
+            out["flops"] += float(evt.flops or 0)
+        elif "scaled_dot_product" in evt.key:
+            out["attention"] += ms
+        elif evt.key in ("aten::cat", "aten::copy_", "aten::index_copy_"):
+            out["cat_copy"] += ms
+        elif evt.key.startswith("aten::"):
+            out["other_ops"] += ms
+    out["wall"] = wall * 1e3
+    ops = out["matmul"] + out["attention"] + out["cat_copy"] + out["other_ops"]
+    out["outside_ops"] = max(out["wall"] - ops, 0.0)
+    out["matmul_gflops"] = out["flops"] / max(out["matmul"], 1e-9) / 1e6
+    return out
 
 
 def time_group(runners: dict[str, Callable[[], Tensor]], warmup: int, reps: int) -> dict[str, Any]:
@@ -288,6 +373,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ragged", action="store_true", help="left-padded prompts")
     parser.add_argument("--compile", action="store_true", help="add a compile=True row")
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile one call per runner (op classes)"
+    )
     parser.add_argument("--out", default=None, help="default build/bench/bench_generate_SIZE.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -323,14 +411,35 @@ def main() -> None:
                 for name, r in res.items():
                     tps = batch * args.new / r["median_s"]
                     same = torch.equal(r["tokens"], ref["tokens"])
+                    div = divergence(model, pixels, ids, mask, ref["tokens"], r["tokens"])
                     ratio = r["median_s"] / ref["median_s"]  # peer time / ours = our speedup
+                    note = (
+                        ""
+                        if same
+                        else f"  ({div['tokens_differing']} tokens in {div['rows_differing']} "
+                        f"rows differ; first: row {div['first_row']} step {div['first_step']}, "
+                        f"our logit gap there {div['logit_gap']:.2e})"
+                    )
                     print(
                         f"{arch:<16}{batch:>4}  {name:<24}{tps:>10.1f}{r['median_s']:>10.4f}"
-                        f"  {ratio:5.2f}  {same}"
+                        f"  {ratio:5.2f}  {same}{note}"
                         + (f"  (first call {r['first_call_s']:.1f}s)" if "compile" in name else "")
                     )
+                    prof = profile_call(runners[name]) if args.profile else None
+                    if prof is not None:
+                        w = prof["wall"]
+                        print(
+                            f"{'':<22}profiled call {w:.0f} ms: "
+                            + ", ".join(
+                                f"{k} {prof[k]:.0f} ms ({prof[k] / w:.0%})"
+                                for k in ("matmul", "attention", "cat_copy", "other_ops")
+                            )
+                            + f", outside ops {prof['outside_ops']:.0f} ms; "
+                            f"matmul {prof['matmul_gflops']:.0f} GFLOP/s"
+                        )
                     results.append(
                         {
+                            "profile": prof,
                             "arch": arch,
                             "batch": batch,
                             "runner": name,
@@ -339,6 +448,7 @@ def main() -> None:
                             "first_call_s": r["first_call_s"],
                             "time_over_ours": ratio,
                             "tokens_equal_ours": same,
+                            "divergence": div,
                         }
                     )
     out = Path(args.out or f"build/bench/bench_generate_{args.size}.json")

@@ -9,6 +9,7 @@ from vlm_transformer import (
     LayerNorm,
     RMSNorm,
     RotaryEmbedding,
+    SwiGLU,
     apply_rotary,
     attention,
     build_attention_mask,
@@ -60,6 +61,37 @@ def test_rotary_is_relative() -> None:
 
     torch.testing.assert_close(score(5, 2), score(13, 10), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(score(5, 2), score(5, 4))
+
+
+@pytest.mark.parametrize("x_batch", [1, 2])
+def test_rotary_no_grad_path_is_bitwise_the_autograd_one(x_batch: int) -> None:
+    # without an autograd graph apply_rotary writes into its temporaries: same bits,
+    # including a strided view (a slice of a fused QKV) and cos/sin broadcasting x up
+    rot = RotaryEmbedding(16)
+    cos, sin = rot(torch.arange(7)[None].expand(2, 7))
+    qkv = torch.randn(x_batch, 7, 5, 16)
+    x = qkv[:, :, :3]
+    with torch.enable_grad():
+        ref = apply_rotary(x, cos, sin, head_axis=-2)
+    before = qkv.clone()
+    with torch.no_grad():
+        out = apply_rotary(x, cos, sin, head_axis=-2)
+    assert torch.equal(out, ref)
+    assert torch.equal(qkv, before)  # the input is never written
+
+
+def test_swiglu_no_grad_path_is_bitwise_and_leaves_projection_output() -> None:
+    mlp = SwiGLU(16, 24)
+    seen: list[torch.Tensor] = []
+    mlp.gate_up_proj.register_forward_hook(lambda _m, _i, out: seen.append(out.clone()) or None)
+    kept: list[torch.Tensor] = []
+    mlp.gate_up_proj.register_forward_hook(lambda _m, _i, out: kept.append(out) or None)
+    x = torch.randn(2, 5, 16)
+    ref = mlp(x)
+    with torch.no_grad():
+        out = mlp(x)
+    assert torch.equal(out, ref)
+    assert torch.equal(kept[1], seen[1])  # the projection's output is not written to
 
 
 def test_rotary_buffer_stays_float32() -> None:
