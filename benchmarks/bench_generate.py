@@ -44,7 +44,9 @@ forward over the shared history) gives our token and the runner's: ~1e-6 is a ne
 broken by float rounding, a large gap a real difference (:func:`divergence`).
 
 Timing: ``--warmup`` untimed calls per runner, then ``--reps`` timed rounds in which
-the runners of one arch alternate (rotating order); medians.  Threads:
+the runners of one arch alternate (rotating order); medians.  ``cpu ratio`` is the same
+ratio of the process's CPU time (``time.process_time``), which leaves out the time the
+process waited for a core: steadier than wall time on a machine shared with other jobs.  Threads:
 ``--threads`` (default 1, ``torch.set_num_threads``; set ``OMP_NUM_THREADS`` to the same
 value).  ``--profile``: one more call per runner under ``torch.profiler``, split into
 matmuls (with their GFLOP/s), attention kernels, ``cat`` / copies, other ops and the
@@ -345,16 +347,19 @@ def time_group(runners: dict[str, Callable[[], Tensor]], warmup: int, reps: int)
         for _ in range(warmup - 1):
             run()
     times: dict[str, list[float]] = {name: [] for name in runners}
+    cpu: dict[str, list[float]] = {name: [] for name in runners}
     names = list(runners)
     for rep in range(reps):
         order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             runners[name]()
             times[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
     return {
         name: {
             "median_s": statistics.median(ts),
+            "median_cpu_s": statistics.median(cpu[name]),
             "first_call_s": first[name],
             "tokens": tokens[name],
         }
@@ -386,7 +391,10 @@ def main() -> None:
         f"size={args.size} {SIZE} threads={args.threads} new={args.new} reps={args.reps} "
         f"ragged={args.ragged}"
     )
-    header = f"{'arch':<16}{'B':>4}  {'runner':<24}{'tok/s':>10}{'median s':>10}  ratio  same"
+    header = (
+        f"{'arch':<16}{'B':>4}  {'runner':<24}{'tok/s':>10}{'median s':>10}  ratio"
+        f"{'cpu ratio':>10}  same"
+    )
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.archs.split(","):
@@ -413,6 +421,7 @@ def main() -> None:
                     same = torch.equal(r["tokens"], ref["tokens"])
                     div = divergence(model, pixels, ids, mask, ref["tokens"], r["tokens"])
                     ratio = r["median_s"] / ref["median_s"]  # peer time / ours = our speedup
+                    cpu_ratio = r["median_cpu_s"] / ref["median_cpu_s"]
                     note = (
                         ""
                         if same
@@ -422,7 +431,7 @@ def main() -> None:
                     )
                     print(
                         f"{arch:<16}{batch:>4}  {name:<24}{tps:>10.1f}{r['median_s']:>10.4f}"
-                        f"  {ratio:5.2f}  {same}{note}"
+                        f"  {ratio:5.2f}{cpu_ratio:10.2f}  {same}{note}"
                         + (f"  (first call {r['first_call_s']:.1f}s)" if "compile" in name else "")
                     )
                     prof = profile_call(runners[name]) if args.profile else None
@@ -447,6 +456,8 @@ def main() -> None:
                             "median_s": r["median_s"],
                             "first_call_s": r["first_call_s"],
                             "time_over_ours": ratio,
+                            "median_cpu_s": r["median_cpu_s"],
+                            "cpu_time_over_ours": cpu_ratio,
                             "tokens_equal_ours": same,
                             "divergence": div,
                         }
