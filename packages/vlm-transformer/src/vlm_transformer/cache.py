@@ -44,6 +44,20 @@ class StepPositions:
     past_len: int
 
 
+def step_positions(
+    start: Tensor, new_len: int, key_valid: Tensor | None, slots: Tensor | None = None
+) -> tuple[Tensor, Tensor | int]:
+    """Rotary positions ``(B, new_len)`` of new slots after ``start (B,)`` real tokens, and
+    how far each row's next position advances: by ``new_len`` when every new slot is real,
+    else by the row's real slots (a padding slot repeats its row's last position, clamped
+    at 0).  ``slots`` is ``arange(new_len)`` when the caller keeps one."""
+    if key_valid is None:
+        offsets = torch.arange(new_len, device=start.device) if slots is None else slots
+        return start[:, None] + offsets[None, :], new_len
+    counts = key_valid.long().cumsum(dim=1)
+    return (start[:, None] + counts - 1).clamp_min(0), counts[:, -1]
+
+
 class KVCache:
     """Cache for a whole model: per-layer K/V plus per-row key validity and positions.
 
@@ -71,15 +85,7 @@ class KVCache:
             self.layers[name] = LayerKVCache()
         return self.layers[name]
 
-    def begin_step(
-        self, batch: int, new_len: int, device: torch.device, key_valid: Tensor | None = None
-    ) -> StepPositions:
-        """Register ``new_len`` new slots (``key_valid (B, new_len)`` bool or ``None`` = all
-        real) and return their positions and the validity of all keys.
-
-        Raises:
-            ValueError: batch size differs from earlier steps, or ``key_valid`` is malformed.
-        """
+    def _check_step(self, batch: int, new_len: int, key_valid: Tensor | None) -> None:
         if self.next_position is not None and self.next_position.shape[0] != batch:
             raise ValueError(
                 f"KVCache holds batch {self.next_position.shape[0]}, forward has batch {batch}"
@@ -91,21 +97,29 @@ class KVCache:
                 f"key_valid must be ({batch}, {new_len}) bool, got "
                 f"{tuple(key_valid.shape)} {key_valid.dtype}"
             )
+
+    def begin_step(
+        self, batch: int, new_len: int, device: torch.device, key_valid: Tensor | None = None
+    ) -> StepPositions:
+        """Register ``new_len`` new slots (``key_valid (B, new_len)`` bool or ``None`` = all
+        real) and return their positions and the validity of all keys.
+
+        Raises:
+            ValueError: batch size differs from earlier steps, or ``key_valid`` is malformed.
+        """
+        self._check_step(batch, new_len, key_valid)
         start = (
             torch.zeros(batch, dtype=torch.long, device=device)
             if self.next_position is None
             else self.next_position
         )
+        positions, advance = step_positions(start, new_len, key_valid)
+        self.next_position = start + advance
         if key_valid is None:
-            positions = start[:, None] + torch.arange(new_len, device=device)[None, :]
-            self.next_position = start + new_len
             if self.key_valid is not None:
                 ones = torch.ones(batch, new_len, dtype=torch.bool, device=device)
                 self.key_valid = torch.cat((self.key_valid, ones), dim=1)
         else:
-            counts = key_valid.long().cumsum(dim=1)
-            positions = (start[:, None] + counts - 1).clamp_min(0)
-            self.next_position = start + counts[:, -1]
             past = (
                 torch.ones(batch, self.seq_len, dtype=torch.bool, device=device)
                 if self.key_valid is None
@@ -253,28 +267,15 @@ class StaticKVCache(KVCache):
         """
         if self.seq_len + new_len > self.max_len:
             self._grow(self.seq_len + new_len)
-        if self.next_position is not None and self.next_position.shape[0] != batch:
-            raise ValueError(
-                f"KVCache holds batch {self.next_position.shape[0]}, forward has batch {batch}"
-            )
-        if key_valid is not None and (
-            key_valid.dtype != torch.bool or tuple(key_valid.shape) != (batch, new_len)
-        ):
-            raise ValueError(
-                f"key_valid must be ({batch}, {new_len}) bool, got "
-                f"{tuple(key_valid.shape)} {key_valid.dtype}"
-            )
+        self._check_step(batch, new_len, key_valid)
         if self.next_position is None:
             self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
         past_len = self.seq_len
         end = past_len + new_len
-        if key_valid is None:
-            positions = self.next_position[:, None] + self._arange(new_len, device)
-            self.next_position += new_len
-        else:
-            counts = key_valid.long().cumsum(dim=1)
-            positions = (self.next_position[:, None] + counts - 1).clamp_min(0)
-            self.next_position += counts[:, -1]
+        positions, advance = step_positions(
+            self.next_position, new_len, key_valid, self._arange(new_len, device)
+        )
+        self.next_position += advance
         if key_valid is not None or self._valid_buffer is not None:
             buf = self._valid(batch, device)
             if key_valid is None:
