@@ -234,15 +234,22 @@ def bump(session: nox.Session) -> None:
     says so) and records the released API as the package's baseline.  ``--check-only``
     changes nothing and fails if a sibling's range excludes the new version.
     """
-    if len([a for a in session.posargs if not a.startswith("--")]) != 2:
+    args = list(session.posargs)
+    # the positional arguments: everything but the options (``--date D`` takes a value)
+    positional = [
+        a
+        for i, a in enumerate(args)
+        if not a.startswith("--") and (i == 0 or args[i - 1] != "--date")
+    ]
+    if len(positional) != 2:
         session.error(
-            "usage: nox -s bump -- <distribution> <major|minor|patch|X.Y.Z> [--check-only]"
+            "usage: nox -s bump -- <distribution> <major|minor|patch|X.Y.Z> [--check-only] "
+            "[--date YYYY-MM-DD]"
         )
     install(session, "hatch>=1.12", "packaging>=23", GRIFFE)
-    session.run("python", str(TOOLS / "release.py"), "bump", *session.posargs)
-    if "--check-only" not in session.posargs:
-        dist = next(a for a in session.posargs if not a.startswith("--"))
-        session.run("python", str(TOOLS / "api_check.py"), "--update", dist)
+    session.run("python", str(TOOLS / "release.py"), "bump", *args)
+    if "--check-only" not in args:
+        session.run("python", str(TOOLS / "api_check.py"), "--update", positional[0])
 
 
 @ci_session(default=False)
