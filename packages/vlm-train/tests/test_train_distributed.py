@@ -27,19 +27,7 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     run = tmp_path / "run"
     cfg = tmp_path / "job.toml"
     write_toml(JobConfig.model_validate(tiny_dict(run)), cfg)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
-        "-m",
-        "vlm_config.cli",
-        "train",
-        str(cfg),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = _torchrun(cfg, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("exact-match accuracy") == 1  # printed by rank 0 only
     assert "world=2" in proc.stdout
@@ -54,7 +42,8 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r.get("kind") == "train"}
 
 
-def _torchrun(cfg: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+def _torchrun(cfg: Path, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """``vlm train cfg overrides...`` under ``torchrun --nproc_per_node=2``."""
     cmd = [
         sys.executable,
         "-m",
@@ -68,7 +57,7 @@ def _torchrun(cfg: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
         *overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def _max_rel(a: dict[int, float], b: dict[int, float], steps: range) -> list[float]:
