@@ -85,7 +85,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 @_guarded
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from vlm_train.evaluate import evaluate, format_eval
+    from vlm_train.evaluate import evaluator_for, format_eval
     from vlm_train.inference import load_trained
     from vlm_train.sources import build_datasets
 
@@ -94,15 +94,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     sets = build_datasets(job, loaded.model.vision_encoder.preprocess, splits=(args.split,))
     if args.split not in sets:
         return _error(f"the job's data has no {args.split!r} split")
-    evaluator: Callable[..., Any] = evaluate
-    if loaded.is_chat:  # conversations: the generated last reply of each
-        from vlm_train.inference import evaluate_conversations
-
-        evaluator = evaluate_conversations
     dataset = sets[args.split]
     make_collator = getattr(dataset, "make_collator", None)
     collator = make_collator(loaded.tokenizer, job) if callable(make_collator) else loaded.collator
-    result = evaluator(
+    result = evaluator_for(collator)(
         loaded.model,
         dataset,
         collator,

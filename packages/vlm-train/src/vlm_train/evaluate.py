@@ -8,7 +8,7 @@ sees future tokens and overstates accuracy.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +90,17 @@ class ExampleLog:
     def ordered(self) -> list[tuple[str, str]]:
         mistakes = [e for e in self.pairs if e[0] != e[1]]
         return (mistakes + [e for e in self.pairs if e[0] == e[1]])[:8]
+
+
+def evaluator_for(collator: Any) -> Callable[..., EvalResult]:
+    """The held-out evaluation that goes with ``collator``: :func:`evaluate` for the
+    caption collator, :func:`vlm_train.inference.evaluate_conversations` for any other
+    (conversations: the generated last reply of each)."""
+    if isinstance(collator, ImageTextCollator):
+        return evaluate
+    from vlm_train.inference import evaluate_conversations
+
+    return evaluate_conversations  # type: ignore[no-any-return]
 
 
 def format_eval(result: EvalResult, split: str = "held-out") -> list[str]:

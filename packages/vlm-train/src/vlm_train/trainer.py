@@ -50,7 +50,7 @@ from vlm_data import (
 from vlm_data.tokenizer import TextTokenizer, pretrained_tokenizer
 from vlm_strategies import VLMWrapper, apply_freeze, freeze_specs_at
 from vlm_train.errors import ConfigError, TrainingInterrupted, VLMTrainError
-from vlm_train.evaluate import EvalResult, evaluate, format_eval
+from vlm_train.evaluate import EvalResult, evaluator_for, format_eval
 from vlm_train.feature_cache import TrainFeatureCache, model_images
 from vlm_train.plot import plot_loss_curve, read_metrics
 from vlm_train.schedule import lr_factor
@@ -863,12 +863,7 @@ class Trainer:
         split.  Leaves the model in training mode."""
         if self.test_set is None:
             return None
-        evaluator: Callable[..., Any] = evaluate
-        if not isinstance(self.collator, ImageTextCollator):  # conversations
-            from vlm_train.inference import evaluate_conversations
-
-            evaluator = evaluate_conversations
-        return evaluator(
+        return evaluator_for(self.collator)(
             self.model,
             self.test_set,
             self.collator,
